@@ -1,0 +1,1405 @@
+"""TelME: Teacher-leading Multimodal Fusion Network for Emotion Recognition in Conversation.
+
+A single-file reference implementation of Yun et al., NAACL 2024 (arXiv:2401.12987). A text teacher
+(RoBERTa over the dialogue history) distils its knowledge into an audio student (data2vec-audio) and
+a visual student (TimeSformer); an attention-based shifting fusion then moves the teacher's feature
+by a bounded amount in the direction the students point to.
+
+Commands (see README.md; `python telme.py CMD --help` lists every flag):
+    python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
+    python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
+    python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld
+    python telme.py eval    --run runs/meld
+    python telme.py stats   --dataset meld --data-dir MELD.Raw
+    python telme.py synth   --out data/synth --dialogues 40
+
+Map of the file (paper order):
+    Config and presets ............ every flag, with where its value comes from
+    1. Data ....................... CSV -> dialogues -> teacher prompts; media decoding and its cache
+    2. Encoders ................... TextTeacher, AudioStudent, VisualStudent
+    3. Distillation ............... dist_loss (response level), feature_kd_loss (feature level)
+    4. Shifting fusion ............ ShiftingFusion (ASF)
+    5. Training ................... the three phases, each selecting its best epoch on dev
+    6. Evaluation ................. weighted F1, per-class report, metrics.json
+    7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
+    8. Command line
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+
+# ==================================================================================================
+# Config and presets
+# ==================================================================================================
+@dataclass
+class Config:
+    dataset: str = "meld"
+    """meld or iemocap; selects the class set and the preset below (SPEC section 2)"""
+    data_dir: str = ""
+    """the dataset as released (MELD.Raw or IEMOCAP_full_release)"""
+    cache_dir: str = ""
+    """decoded-media cache; default: $TELME_CACHE or ~/.cache/telme"""
+    out: str = ""
+    """run directory for weights, config.json and metrics.json; default: runs/<dataset>"""
+    text_model: str = "FacebookAI/roberta-large"
+    """teacher encoder: any Hugging Face masked-LM encoder, hub name or local directory (paper: RoBERTa-large)"""
+    audio_model: str = "facebook/data2vec-audio-base-960h"
+    """audio student encoder, hub name or local directory (paper)"""
+    video_model: str = "facebook/timesformer-base-finetuned-k400"
+    """visual student encoder, hub name or local directory (paper)"""
+    epochs: tuple = (10, 10, 10)
+    """epochs of the teacher, student and fusion phases; one number sets all three (official code)"""
+    lr: tuple = (1e-6, 1e-5, 1e-5)
+    """AdamW learning rate of the teacher, student and fusion phases; one number sets all three (official code)"""
+    batch_size: int = 4
+    """utterances per optimiser step, every phase (official code)"""
+    seed: int = 42
+    """seed for python, numpy, torch and the data order (official code)"""
+    device: str = "auto"
+    """auto (cuda when present, else cpu), cpu, cuda, cuda:N"""
+    amp: str = "bf16"
+    """autocast on CUDA: bf16, fp16 (with a gradient scaler) or off; always off on a CPU"""
+    max_text_tokens: int = 512
+    """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
+    max_audio_samples: int = 400000
+    """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
+    audio_rate: int = 16000
+    """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
+    num_frames: int = 8
+    """frames sampled uniformly over each clip for the visual student (TimeSformer-base: 8)"""
+    image_size: int = 224
+    """short side resize, then centre crop, in pixels (TimeSformer-base: 224)"""
+    feature_dim: int = 768
+    """width of F_T, F_A, F_V; the teacher projects to it, the students' hidden size must equal it (paper)"""
+    mask_time_length: int = 3
+    """data2vec-audio SpecAugment span; the released 10 fails on short clips (official code: 3)"""
+    tau: float = 4.0
+    """temperature of the response-level distillation (official code, MELD)"""
+    alpha: float = 1.0
+    """weight of the response-level distillation loss (official code, MELD)"""
+    beta: float = 1.0
+    """weight of the feature-level distillation loss (official code)"""
+    kd_temperature: float = 1.0
+    """temperature t of the feature-level similarity softmaxes (official code)"""
+    theta: float = 0.1
+    """shifting fusion: the displacement's norm is at most theta times the teacher's (official code, MELD)"""
+    heads: int = 3
+    """attention heads of the shifting fusion (official code, MELD)"""
+    dropout: float = 0.2
+    """dropout of the shifting fusion (official code)"""
+    asf_attention: str = "modality"
+    """modality: attend over [F_A, F_V] of each utterance; batch: across the batch as the official code (D2)"""
+    warmup_epochs: float = 1.0
+    """linear warmup length in epochs, then linear decay to 0 (official code)"""
+    grad_clip: float = 10.0
+    """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
+    workers: int = 0
+    """processes decoding media in prepare; 0 means every core"""
+    loader_workers: int = -1
+    """DataLoader workers while training; -1 means 4 on CUDA, 0 on a CPU"""
+    quiet: bool = False
+    """no progress bars (they are also off when stderr is not a terminal)"""
+
+
+# The official code's values per dataset (SPEC section 2); applied before command-line flags.
+PRESETS = {
+    "meld": dict(lr=(1e-6, 1e-5, 1e-5), epochs=(10, 10, 10), tau=4.0, alpha=1.0, beta=1.0,
+                 theta=0.1, heads=3, dropout=0.2),
+    "iemocap": dict(lr=(1e-5, 1e-5, 1e-5), epochs=(10, 10, 8), tau=2.0, alpha=0.1, beta=1.0,
+                    theta=0.2, heads=4, dropout=0.2),
+}
+PHASES = ("teacher", "audio", "visual", "fusion")
+
+
+def make_config(dataset: str = "meld", **overrides) -> Config:
+    """The dataset's preset, then the overrides; derived defaults resolved once here."""
+    if dataset not in PRESETS:
+        raise SystemExit(f"telme: unknown dataset {dataset!r}; expected one of {sorted(PRESETS)}")
+    cfg = Config(dataset=dataset, **PRESETS[dataset])
+    cfg = dataclasses.replace(cfg, **overrides)
+    for name in ("epochs", "lr"):  # one number sets all three phases
+        value = getattr(cfg, name)
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        setattr(cfg, name, value * 3 if len(value) == 1 else value)
+    cfg.cache_dir = cfg.cache_dir or os.environ.get("TELME_CACHE", str(Path.home() / ".cache" / "telme"))
+    cfg.out = cfg.out or f"runs/{cfg.dataset}"
+    if cfg.asf_attention not in ("modality", "batch"):
+        raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
+    return cfg
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (they become the --help texts)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+
+
+# ==================================================================================================
+# 1. Data
+# ==================================================================================================
+EMOTIONS = {
+    "meld": ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"],
+    "iemocap": ["ang", "exc", "fru", "hap", "neu", "sad"],
+}
+# MELD as released: the CSV of each split and the folder of its clips.
+MELD_SPLITS = {
+    "train": ("train_sent_emo.csv", "train_splits"),
+    "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
+    "test": ("test_sent_emo.csv", "output_repeated_splits_test"),
+}
+MELD_COLUMNS = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
+                "Utterance_ID", "Season", "Episode", "StartTime", "EndTime"]
+# The MELD CSVs hold C1 control characters (cp1252 bytes read as latin-1) where punctuation was.
+MELD_C1_PUNCTUATION = str.maketrans({
+    "\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x85": "...", "\x96": "-", "\x97": "-",
+    "\xa0": " ",
+})
+
+
+@dataclass
+class Utterance:
+    dialogue: str  # dialogue id, unique within its split
+    speaker: str
+    text: str
+    label: int  # index into EMOTIONS[dataset]
+    video: str  # clip holding the utterance's frames
+    audio: str  # file holding the utterance's sound (the same clip on MELD)
+    start: float | None = None  # window inside `video` (IEMOCAP: the dialogue's avi), seconds
+    end: float | None = None
+
+
+class DataError(Exception):
+    """Bad dataset input; the message names the file, the row and the problem."""
+
+
+def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
+    csv_name, clip_dir = MELD_SPLITS[split]
+    path = data_dir / csv_name
+    classes = EMOTIONS["meld"]
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        utterances, finished = [], set()
+        for row_number, row in enumerate(reader, start=2):  # row 1 is the header
+            emotion = row["Emotion"].strip().lower()
+            if emotion not in classes:
+                raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+            dialogue = row["Dialogue_ID"].strip()
+            if utterances and dialogue != utterances[-1].dialogue:
+                finished.add(utterances[-1].dialogue)
+            if dialogue in finished:
+                raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
+            clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
+            utterances.append(Utterance(
+                dialogue=dialogue, speaker=row["Speaker"].strip(),
+                text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
+                label=classes.index(emotion), video=clip, audio=clip))
+    if not utterances:
+        raise DataError(f"{path}: no utterances")
+    return utterances
+
+
+def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
+    """train, dev and (when present) test utterances, in dialogue order."""
+    data_dir = Path(cfg.data_dir)
+    if cfg.dataset != "meld":
+        raise SystemExit(f"telme: reading {cfg.dataset} is not implemented yet")
+    for split in ("train", "dev"):
+        if not (data_dir / MELD_SPLITS[split][0]).is_file():
+            raise SystemExit(
+                f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
+                "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
+                "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
+                "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
+    try:
+        return {split: read_meld_split(data_dir, split) for split in MELD_SPLITS
+                if (data_dir / MELD_SPLITS[split][0]).is_file()}
+    except DataError as error:
+        raise SystemExit(f"telme: {error}")
+
+
+def dialogues(utterances: list[Utterance]) -> list[list[Utterance]]:
+    """Consecutive utterances sharing a dialogue id."""
+    groups: list[list[Utterance]] = []
+    for u in utterances:
+        if not groups or groups[-1][0].dialogue != u.dialogue:
+            groups.append([])
+        groups[-1].append(u)
+    return groups
+
+
+# --- Teacher input: "<s_a> u_1 <s_b> u_2 ... <s_x> u_k </s> Now <s_x> feels <mask>" ---------------
+SPEAKER_TOKENS = [f"<s{i}>" for i in range(1, 10)]
+
+
+def speaker_indices(speakers: list[str]) -> list[int]:
+    """Each speaker's order of first appearance within one dialogue, capped at 9 (0-based: 0..8)."""
+    order: dict[str, int] = {}
+    return [order.setdefault(s, min(len(order), len(SPEAKER_TOKENS) - 1)) for s in speakers]
+
+
+def add_speaker_tokens(tokenizer) -> None:
+    """<s1>..<s9> as special tokens, so that no tokenizer splits them (the embeddings grow to match)."""
+    tokenizer.add_tokens(SPEAKER_TOKENS, special_tokens=True)
+
+
+def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int) -> list[list[int]]:
+    """Token ids of every utterance's prompt, the mask token last (never truncated)."""
+    ids = []
+    for dialogue in dialogues(utterances):
+        speakers = [SPEAKER_TOKENS[i] for i in speaker_indices([u.speaker for u in dialogue])]
+        for k, u in enumerate(dialogue):
+            history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
+            prompt = f"{history} {tokenizer.sep_token} Now {speakers[k]} feels"
+            tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids.append(tokens[-(max_tokens - 1):] + [tokenizer.mask_token_id])
+    return ids
+
+
+# --- Media decoding -------------------------------------------------------------------------------
+class MediaError(Exception):
+    """A clip that is missing or cannot be decoded; the message says why."""
+
+
+def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
+                 end: float | None = None) -> np.ndarray:
+    """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept."""
+    if not os.path.isfile(path):
+        raise MediaError("file not found")
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise MediaError("no audio stream")
+            stream = container.streams.audio[0]
+            source_rate = stream.codec_context.sample_rate
+            to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
+            chunks = []
+            for frame in container.decode(stream):
+                for converted in to_float.resample(frame):
+                    chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
+    except (av.error.FFmpegError, UnicodeDecodeError) as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if not chunks:
+        raise MediaError("audio stream decodes to nothing")
+    waveform = np.concatenate(chunks).astype(np.float32)
+    if start is not None:  # a window inside a longer recording
+        waveform = waveform[int(start * source_rate):int(end * source_rate)]
+    waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, rate).numpy()
+    return waveform[-max_samples:]
+
+
+def decode_frames(path: str, num_frames: int, size: int, start: float | None = None,
+                  end: float | None = None) -> np.ndarray:
+    """(num_frames, size, size, 3) uint8 RGB frames sampled uniformly over the clip (or window).
+
+    Frame i is the one showing the centre of the i-th of num_frames equal segments; each is resized
+    so that its short side is `size`, then centre-cropped to size x size.
+    """
+    if not os.path.isfile(path):
+        raise MediaError("file not found")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+            if stream.duration:
+                last = first + float(stream.duration * stream.time_base)
+            else:
+                last = container.duration / av.time_base if container.duration else math.inf
+            t0, t1 = (first, last) if start is None else (start, end)
+            if start is not None and start > first:
+                container.seek(int(start / stream.time_base), stream=stream)
+            frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+            targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
+            frames = []
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                # This frame is on screen from frame.time until frame.time + frame_time.
+                while len(frames) < num_frames and frame.time + frame_time > targets[len(frames)]:
+                    frames.append(resize_and_crop(frame, size))
+                if len(frames) == num_frames:
+                    break
+                last_frame = frame
+    except (av.error.FFmpegError, UnicodeDecodeError) as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if not frames and "last_frame" not in locals():
+        raise MediaError("video stream decodes to nothing")
+    while len(frames) < num_frames:  # the stream ended before its declared duration
+        frames.append(frames[-1] if frames else resize_and_crop(last_frame, size))
+    return np.stack(frames)
+
+
+def resize_and_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
+    scale = size / min(frame.width, frame.height)
+    width, height = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+    image = frame.reformat(width=width, height=height, format="rgb24",
+                           interpolation="BILINEAR").to_ndarray()  # (H, W, 3)
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+# --- Media cache: every clip decoded once, read back memory-mapped --------------------------------
+class MediaCache:
+    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings).
+
+    An entry's key hashes the file's path, size and mtime with the settings, so a changed file or
+    setting is decoded again and nothing else is. A clip that cannot be decoded leaves a `.err` file
+    holding the reason, and the utterance trains with that modality marked missing.
+    """
+
+    def __init__(self, cfg: Config):
+        self.root = Path(cfg.cache_dir)
+        self.settings = {
+            "audio": dict(rate=cfg.audio_rate, max_samples=cfg.max_audio_samples),
+            "video": dict(num_frames=cfg.num_frames, size=cfg.image_size),
+        }
+
+    def key(self, kind: str, path: str, start, end) -> str:
+        try:
+            stat = os.stat(path)
+            identity = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            identity = None
+        raw = json.dumps([kind, os.path.abspath(path), identity, start, end, self.settings[kind]])
+        return hashlib.sha1(raw.encode()).hexdigest()
+
+    def location(self, kind: str, u: Utterance) -> Path:
+        path = u.audio if kind == "audio" else u.video
+        key = self.key(kind, path, u.start if kind == "video" else None,
+                       u.end if kind == "video" else None)
+        return self.root / kind / key[:2] / key
+
+    def load(self, kind: str, u: Utterance) -> np.ndarray | None:
+        """The decoded array, or None when the clip could not be decoded."""
+        base = self.location(kind, u)
+        npy = base.with_suffix(".npy")
+        if npy.exists():
+            return np.load(npy, mmap_mode="r")
+        if base.with_suffix(".err").exists():
+            return None
+        raise FileNotFoundError(f"{npy}: not in the media cache; run `telme.py prepare` first")
+
+    def missing_jobs(self, utterances: list[Utterance], kinds=("audio", "video")) -> list[tuple]:
+        jobs = {}
+        for u in utterances:
+            for kind in kinds:
+                base = self.location(kind, u)
+                if not base.with_suffix(".npy").exists() and not base.with_suffix(".err").exists():
+                    path, window = (u.audio, (None, None)) if kind == "audio" else (u.video, (u.start, u.end))
+                    jobs[str(base)] = (kind, path, *window, str(base), self.settings[kind])
+        return list(jobs.values())
+
+    def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False,
+                kinds=("audio", "video")) -> dict[str, int]:
+        """Decode what is not cached yet, in parallel; returns counts of decoded and failed entries."""
+        jobs = self.missing_jobs(utterances, kinds)
+        counts = {"cached": len(utterances) * len(kinds) - len(jobs), "decoded": 0, "failed": 0}
+        if jobs:
+            workers = min(workers or os.cpu_count() or 1, len(jobs))
+            pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
+                                                              initargs=(1,)) if workers > 1 else None)
+            results = pool.imap_unordered(decode_entry, jobs, chunksize=4) if pool else map(decode_entry, jobs)
+            for kind, path, reason in progress(results, "decoding clips", quiet, total=len(jobs),
+                                               unit="clip"):
+                if reason:
+                    counts["failed"] += 1
+                    log(f"media fault: {path}: {kind}: {reason}")
+                else:
+                    counts["decoded"] += 1
+            if pool:
+                pool.close()
+                pool.join()
+        return counts
+
+
+def decode_entry(job: tuple) -> tuple[str, str, str | None]:
+    """Decode one cache entry and write it atomically; runs in a worker process."""
+    kind, path, start, end, base, settings = job
+    try:
+        if kind == "audio":
+            array = decode_audio(path, settings["rate"], settings["max_samples"], start, end)
+            array = array.astype(np.float16)
+        else:
+            array = decode_frames(path, settings["num_frames"], settings["size"], start, end)
+        atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
+        return kind, path, None
+    except MediaError as error:
+        atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
+        return kind, path, str(error)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+# --- Batches --------------------------------------------------------------------------------------
+class UtteranceDataset(Dataset):
+    """Utterances of one split as model inputs: teacher prompts and/or cached media."""
+
+    def __init__(self, utterances, text_ids=None, media: MediaCache | None = None, kinds=()):
+        self.utterances, self.text_ids, self.media, self.kinds = utterances, text_ids, media, kinds
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, i):
+        item = {"index": i, "label": self.utterances[i].label}
+        if self.text_ids is not None:
+            item["input_ids"] = self.text_ids[i]
+        for kind in self.kinds:
+            item[kind] = self.media.load(kind, self.utterances[i])
+        return item
+
+
+@dataclass
+class Collate:
+    """Pads a list of items into tensors: text left-padded (the mask stays last), audio right-padded
+    with an attention mask, frames normalised; a missing modality becomes zeros plus a flag."""
+
+    pad_id: int = 0
+    image_mean: tuple = (0.45, 0.45, 0.45)
+    image_std: tuple = (0.225, 0.225, 0.225)
+    num_frames: int = 8
+    image_size: int = 224
+    min_audio_samples: int = 4000  # 0.25 s: enough frames for data2vec's time masking
+
+    def __call__(self, items):
+        batch = {"index": torch.tensor([it["index"] for it in items]),
+                 "label": torch.tensor([it["label"] for it in items])}
+        if "input_ids" in items[0]:
+            length = max(len(it["input_ids"]) for it in items)
+            ids = torch.full((len(items), length), self.pad_id)
+            mask = torch.zeros((len(items), length), dtype=torch.long)
+            for row, it in enumerate(items):
+                n = len(it["input_ids"])
+                ids[row, length - n:] = torch.tensor(it["input_ids"])
+                mask[row, length - n:] = 1
+            batch["input_ids"], batch["attention_mask"] = ids, mask
+        if "audio" in items[0]:
+            waves = [None if it["audio"] is None else normalise_waveform(it["audio"]) for it in items]
+            length = max([self.min_audio_samples] + [len(w) for w in waves if w is not None])
+            audio = torch.zeros((len(items), length))
+            mask = torch.zeros((len(items), length), dtype=torch.long)
+            for row, w in enumerate(waves):
+                n = self.min_audio_samples if w is None else len(w)
+                if w is not None:
+                    audio[row, :n] = torch.from_numpy(w)
+                mask[row, :max(n, self.min_audio_samples)] = 1
+            batch["audio"], batch["audio_mask"] = audio, mask
+            batch["audio_missing"] = torch.tensor([w is None for w in waves])
+        if "video" in items[0]:
+            shape = (self.num_frames, self.image_size, self.image_size, 3)
+            frames = torch.from_numpy(np.stack([np.zeros(shape, np.uint8) if it["video"] is None
+                                                else np.asarray(it["video"]) for it in items]))
+            mean = torch.tensor(self.image_mean).view(1, 1, 3, 1, 1)
+            std = torch.tensor(self.image_std).view(1, 1, 3, 1, 1)
+            video = (frames.permute(0, 1, 4, 2, 3).float() / 255 - mean) / std  # (B, T, 3, S, S)
+            missing = torch.tensor([it["video"] is None for it in items])
+            batch["video"] = video.masked_fill(missing.view(-1, 1, 1, 1, 1), 0.0)
+            batch["video_missing"] = missing
+        return batch
+
+
+def normalise_waveform(waveform: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per utterance, as data2vec-audio's feature extractor does."""
+    w = np.asarray(waveform, dtype=np.float32)
+    return (w - w.mean()) / np.sqrt(w.var() + 1e-7)
+
+
+# ==================================================================================================
+# 2. Encoders
+# ==================================================================================================
+class TextTeacher(nn.Module):
+    """F_T = W h_mask + b: the encoder's output at the mask token, projected (paper, section 3.2)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, feature_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.project = nn.Linear(encoder.config.hidden_size, feature_dim)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h_mask = hidden[:, -1]  # (B, H): left padding keeps the mask token last
+        feature = self.project(h_mask)  # (B, D)
+        return feature, self.classifier(feature)
+
+
+class AudioStudent(nn.Module):
+    """F_A = the masked mean of data2vec-audio's frame outputs (D3); z_A = W F_A."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, audio, audio_mask):
+        hidden = self.encoder(audio, attention_mask=audio_mask).last_hidden_state  # (B, T, D)
+        # D3: average only the frames that cover real samples, not the padding.
+        frames = self.encoder._get_feature_vector_attention_mask(hidden.shape[1], audio_mask)
+        weights = frames.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        feature = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+        return feature, self.classifier(feature)
+
+
+class VisualStudent(nn.Module):
+    """F_V = TimeSformer's CLS output over the sampled frames; z_V = W F_V."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, video):  # (B, T, 3, S, S)
+        feature = self.encoder(pixel_values=video).last_hidden_state[:, 0]  # (B, D)
+        return feature, self.classifier(feature)
+
+
+def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
+    """A pretrained encoder by hub name or local directory (the real loading path)."""
+    config = AutoConfig.from_pretrained(name)
+    if kind == "audio":
+        config.mask_time_length = cfg.mask_time_length
+    encoder = AutoModel.from_pretrained(name, config=config)
+    if kind != "text" and encoder.config.hidden_size != cfg.feature_dim:
+        raise SystemExit(f"telme: {name} has hidden size {encoder.config.hidden_size}, but "
+                         f"--feature-dim is {cfg.feature_dim}; the fusion needs them equal")
+    return encoder
+
+
+def image_statistics(name: str) -> tuple[list[float], list[float]]:
+    """Mean and std from the video model's own image-processor config (D7)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+    processor, _ = ImageProcessingMixin.get_image_processor_dict(name)
+    return list(processor["image_mean"]), list(processor["image_std"])
+
+
+def build_student(kind: str, encoder: nn.Module, num_classes: int) -> nn.Module:
+    return AudioStudent(encoder, num_classes) if kind == "audio" else VisualStudent(encoder, num_classes)
+
+
+# ==================================================================================================
+# 3. Distillation losses (paper, section 3.3)
+# ==================================================================================================
+def pearson(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise Pearson correlation: the cosine of the mean-centred rows."""
+    return F.cosine_similarity(u - u.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True),
+                               dim=-1, eps=eps)
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Response-level KD (DIST): L_resp = tau^2 (L_inter + L_intra)."""
+    p_s = F.softmax(student_logits.float() / tau, dim=-1)  # (B, C)
+    p_t = F.softmax(teacher_logits.float() / tau, dim=-1)
+    inter = 1 - pearson(p_s, p_t).mean()  # each sample's distribution across classes
+    intra = 1 - pearson(p_s.T, p_t.T).mean()  # each class's scores across the batch
+    return tau ** 2 * (inter + intra)
+
+
+def feature_kd_loss(teacher_features: torch.Tensor, student_features: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Feature-level KD: KL(P || Q), P = softmax(T T^T / t), Q = softmax(T S^T / t), batch mean."""
+    t = F.normalize(teacher_features.float(), dim=-1)  # (B, D)
+    s = F.normalize(student_features.float(), dim=-1)
+    p = F.softmax(t @ t.T / temperature, dim=-1)  # (B, B): teacher-teacher similarities
+    log_q = F.log_softmax(t @ s.T / temperature, dim=-1)  # (B, B): teacher-student similarities
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+def student_loss(student_logits, student_features, teacher_logits, teacher_features, labels,
+                 cfg: Config) -> torch.Tensor:
+    """L = CE(z_s, y) + alpha L_resp + beta L_feat, the teacher frozen."""
+    return (F.cross_entropy(student_logits.float(), labels)
+            + cfg.alpha * dist_loss(student_logits, teacher_logits, cfg.tau)
+            + cfg.beta * feature_kd_loss(teacher_features, student_features, cfg.kd_temperature))
+
+
+# ==================================================================================================
+# 4. Attention-based modality Shifting Fusion (paper, section 3.4)
+# ==================================================================================================
+class ShiftingFusion(nn.Module):
+    """A multimodal adaptation gate (Rahman et al., 2020) after self-attention over the students."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int, dropout: float, theta: float,
+                 attention: str = "modality"):
+        super().__init__()
+        self.theta, self.attention_scope = theta, attention
+        # modality: the sequence [F_A, F_V] of each utterance; batch (D2): one sequence of B samples.
+        self.attention = nn.MultiheadAttention(dim if attention == "modality" else 2 * dim, heads)
+        self.student_norm = nn.LayerNorm(2 * dim)
+        self.gate = nn.Linear(3 * dim, dim)
+        self.shift = nn.Linear(2 * dim, dim)
+        self.output_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def displacement(self, f_t, f_a, f_v):
+        """lam and H of Eq. (shifting): the teacher's feature moves by lam * H."""
+        n = torch.cat([f_a, f_v], dim=-1)  # (B, 2D)
+        if self.attention_scope == "modality":
+            tokens = torch.stack([f_a, f_v])  # (2, B, D): sequence, batch, features
+            attended = self.attention(tokens, tokens, tokens, need_weights=False)[0]
+            attended = attended.transpose(0, 1).reshape(n.shape)  # (B, 2D)
+        else:  # D2: a 2-D input is one unbatched sequence, so samples attend to each other
+            attended = self.attention(n, n, n, need_weights=False)[0]
+        a = self.dropout(self.student_norm(attended + n))  # A = Dropout(LN(MHA(N) + N))
+        g = F.relu(self.gate(torch.cat([a, f_t], dim=-1)))  # g = ReLU(W_g [A; F_T] + b_g)
+        h = g * self.shift(a)  # H = g * (W_h A + b_h)
+        h_norm = h.norm(dim=-1)
+        h_norm = torch.where(h_norm == 0, torch.ones_like(h_norm), h_norm)
+        # lam = min(theta ||F_T|| / (||H|| + eps), 1): the shift is at most theta times the teacher
+        lam = torch.clamp(self.theta * f_t.norm(dim=-1) / (h_norm + 1e-6), max=1.0)
+        return lam, h
+
+    def forward(self, f_t, f_a, f_v):
+        lam, h = self.displacement(f_t, f_a, f_v)
+        z = self.dropout(self.output_norm(f_t + lam.unsqueeze(-1) * h))  # Z = Dropout(LN(F_T + lam H))
+        return self.classifier(z)
+
+
+# ==================================================================================================
+# 5. Training: teacher, then the students, then the fusion (paper, section 3.5)
+# ==================================================================================================
+@dataclass
+class Runtime:
+    """Device and precision, chosen once in main()."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def make_runtime(cfg: Config) -> Runtime:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
+    return Runtime(device, amp if device.type == "cuda" else None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stdout)
+
+
+def progress(iterable, description: str, quiet: bool, **kwargs):
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty(), **kwargs)
+
+
+def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
+    """lr factor per optimiser step: 0 -> 1 over the warmup, then linearly to 0 at the end (D4)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed: int = 0) -> DataLoader:
+    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate,
+                      num_workers=workers, pin_memory=rt.device.type == "cuda", generator=generator,
+                      persistent_workers=workers > 0)
+
+
+# --- The run directory: everything a later phase, eval or predict needs -------------------------
+def weights_path(run: Path, phase: str) -> Path:
+    return run / f"{phase}.safetensors"
+
+
+def save_weights(module: nn.Module, path: Path, **metadata) -> None:
+    from safetensors.torch import save
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda f: f.write(save(state, metadata={k: str(v) for k, v in metadata.items()})))
+
+
+def load_weights(module: nn.Module, path: Path) -> dict:
+    """Load a phase's weights into `module`; returns the metadata saved with them."""
+    if not path.is_file():
+        raise SystemExit(f"telme: {path} not found; train that phase first")
+    module.load_state_dict(load_file(path))
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
+def encoder_dir(run: Path, kind: str) -> Path:
+    return run / "encoders" / kind
+
+
+def save_encoder_config(run: Path, kind: str, encoder: nn.Module, extra=None) -> None:
+    """The encoder's config (and tokenizer or image statistics), so the run rebuilds offline."""
+    directory = encoder_dir(run, kind)
+    encoder.config.save_pretrained(directory)
+    if kind == "text":
+        extra.save_pretrained(directory)
+    elif kind == "video":
+        mean, std = extra
+        (directory / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "VideoMAEImageProcessor", "image_mean": mean, "image_std": std}))
+
+
+def saved_encoder(run: Path, kind: str) -> nn.Module:
+    return AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir(run, kind)))
+
+
+def load_teacher(run: Path, cfg: Config, rt: Runtime):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir(run, "text"))
+    teacher = TextTeacher(saved_encoder(run, "text"), len(EMOTIONS[cfg.dataset]), cfg.feature_dim)
+    load_weights(teacher, weights_path(run, "teacher"))
+    return teacher.to(rt.device).eval(), tokenizer
+
+
+def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
+    phase = "audio" if kind == "audio" else "visual"
+    student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]))
+    load_weights(student, weights_path(run, phase))
+    return student.to(rt.device).eval()
+
+
+def make_collate(cfg: Config, pad_id: int = 0, image_stats=((0.45,) * 3, (0.225,) * 3)) -> Collate:
+    return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
+                   num_frames=cfg.num_frames, image_size=cfg.image_size)
+
+
+def text_forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+def audio_forward(model, batch):
+    return model(batch["audio"], batch["audio_mask"])
+
+
+def video_forward(model, batch):
+    return model(batch["video"])
+
+
+@torch.no_grad()
+def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str):
+    """(features, logits) of every item of `loader`, in order, float32 on the CPU."""
+    model.eval()
+    features, logits = [], []
+    for batch in progress(loader, description, quiet):
+        with rt.autocast():
+            f, z = forward(model, to_device(batch, rt.device))
+        if f is not None:
+            features.append(f.float().cpu())
+        logits.append(z.float().cpu())
+    return (torch.cat(features) if features else None), torch.cat(logits)
+
+
+def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: int, lr: float,
+        cfg: Config, rt: Runtime, run: Path) -> dict:
+    """Train `model`, evaluate every epoch, keep the epoch with the best dev weighted F1."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    steps = len(loaders["train"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_linear_decay(int(steps * cfg.warmup_epochs), steps * epochs))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    classes = EMOTIONS[cfg.dataset]
+    best = {"dev_wf1": -1.0}
+    for epoch in range(1, epochs + 1):
+        model.train()
+        started, total_loss = time.time(), torch.zeros((), device=rt.device)
+        for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
+            batch = to_device(batch, rt.device)
+            with rt.autocast():
+                loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # D5: clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            total_loss += loss.detach()
+        reports = {}
+        for split in ("dev", "test"):
+            if split in loaders:
+                _, logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")
+                reports[split] = classification_report(logits, dataset_labels(loaders[split].dataset),
+                                                       classes)
+        dev_wf1 = reports["dev"]["wf1"]
+        if dev_wf1 > best["dev_wf1"]:
+            best = phase_metrics(reports, epoch)
+            save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
+        test_wf1 = f"{reports['test']['wf1']:6.2f}" if "test" in reports else "   n/a"
+        line = (f"[{phase:7s}] epoch {epoch:2d}/{epochs} loss {total_loss.item() / steps:.4f} "
+                f"dev_wf1 {dev_wf1:6.2f} test_wf1 {test_wf1} best_epoch {best['best_epoch']:2d} "
+                f"lr {schedule.get_last_lr()[0]:.2e} time {time.time() - started:.1f}s")
+        log(line)
+        with open(run / "train.log", "a") as f:
+            f.write(line + "\n")
+    update_metrics(run, phase, best)
+    return best
+
+
+def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+    """Phase 1: fine-tune the text encoder on the dialogue prompt with cross-entropy."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
+    add_speaker_tokens(tokenizer)
+    encoder = pretrained_encoder(cfg.text_model, cfg, "text")
+    encoder.resize_token_embeddings(len(tokenizer))
+    save_encoder_config(run, "text", encoder, tokenizer)
+    teacher = TextTeacher(encoder, len(EMOTIONS[cfg.dataset]), cfg.feature_dim).to(rt.device)
+    collate = make_collate(cfg, pad_id=tokenizer.pad_token_id)
+    loaders = {split: make_loader(
+        UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens)),
+        cfg, rt, collate, shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
+
+    def loss_fn(model, batch):
+        _, logits = text_forward(model, batch)
+        return F.cross_entropy(logits.float(), batch["label"])
+
+    return fit("teacher", teacher, loaders, text_forward, loss_fn, cfg.epochs[0], cfg.lr[0], cfg, rt, run)
+
+
+def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance]):
+    """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
+    what a teacher run at every student step would give."""
+    teacher, tokenizer = load_teacher(run, cfg, rt)
+    dataset = UtteranceDataset(utterances, text_ids=teacher_input_ids(utterances, tokenizer,
+                                                                      cfg.max_text_tokens))
+    loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
+    return run_model(teacher, loader, text_forward, rt, cfg.quiet, "teacher outputs")
+
+
+def prepare_media(cfg: Config, splits: dict) -> MediaCache:
+    media = MediaCache(cfg)
+    everything = [u for utts in splits.values() for u in utts]
+    counts = media.prepare(everything, cfg.workers, cfg.quiet)
+    log(f"media: {len(everything)} utterances, {counts['cached']} entries cached, "
+        f"{counts['decoded']} decoded, {counts['failed']} faults")
+    return media
+
+
+def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+    """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
+    media = prepare_media(cfg, splits)
+    t_features, t_logits = (t.to(rt.device) for t in teacher_outputs(cfg, rt, run, splits["train"]))
+    results = {}
+    for kind, phase, name, forward in (("audio", "audio", cfg.audio_model, audio_forward),
+                                       ("video", "visual", cfg.video_model, video_forward)):
+        seed_everything(cfg.seed)
+        encoder = pretrained_encoder(name, cfg, kind)
+        image_stats = image_statistics(name) if kind == "video" else None
+        save_encoder_config(run, kind, encoder, image_stats)
+        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset])).to(rt.device)
+        collate = make_collate(cfg, image_stats=image_stats or ((0.45,) * 3, (0.225,) * 3))
+        loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
+                                      collate, shuffle=split == "train", seed=cfg.seed)
+                   for split, utts in splits.items()}
+
+        def loss_fn(model, batch, forward=forward):
+            s_features, s_logits = forward(model, batch)
+            i = batch["index"]
+            return student_loss(s_logits, s_features, t_logits[i], t_features[i], batch["label"], cfg)
+
+        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
+                             cfg, rt, run)
+    return results
+
+
+class FeatureDataset(Dataset):
+    """Frozen F_T, F_A, F_V and the label of each utterance of one split."""
+
+    def __init__(self, features: dict):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features["label"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.features.items()}
+
+    @property
+    def utterance_labels(self):
+        return self.features["label"]
+
+
+def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+    """For each split: F_T, F_A, F_V and the three encoders' logits, computed once."""
+    media = prepare_media(cfg, splits)
+    teacher, tokenizer = load_teacher(run, cfg, rt)
+    image_stats = image_statistics(str(encoder_dir(run, "video")))
+    outputs = {split: {"label": torch.tensor([u.label for u in utts])} for split, utts in splits.items()}
+    for phase, forward in (("teacher", text_forward), ("audio", audio_forward),
+                           ("visual", video_forward)):
+        model = teacher if phase == "teacher" else load_student(
+            run, "audio" if phase == "audio" else "video", cfg, rt)
+        for split, utts in splits.items():
+            dataset = (UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens))
+                       if phase == "teacher" else
+                       UtteranceDataset(utts, media=media, kinds=("audio" if phase == "audio" else "video",)))
+            loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
+                                 shuffle=False)
+            features, logits = run_model(model, loader, forward, rt, cfg.quiet, f"{phase} {split}")
+            outputs[split][f"f_{phase}"], outputs[split][f"z_{phase}"] = features, logits
+        del model
+    return outputs
+
+
+def fusion_forward(model, batch):
+    return None, model(batch["f_teacher"], batch["f_audio"], batch["f_visual"])
+
+
+def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+    """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen)."""
+    outputs = frozen_outputs(cfg, rt, run, splits)
+    seed_everything(cfg.seed)
+    fusion = ShiftingFusion(cfg.feature_dim, len(EMOTIONS[cfg.dataset]), cfg.heads, cfg.dropout,
+                            cfg.theta, cfg.asf_attention).to(rt.device)
+    loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
+                                  shuffle=split == "train", seed=cfg.seed)
+               for split, out in outputs.items()}
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
+
+    return fit("fusion", fusion, loaders, fusion_forward, loss_fn, cfg.epochs[2], cfg.lr[2], cfg, rt, run)
+
+
+def fusion_inputs(outputs: dict) -> dict:
+    return {k: outputs[k] for k in ("f_teacher", "f_audio", "f_visual", "label")}
+
+
+def train(cfg: Config, phase: str = "all") -> dict:
+    """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out."""
+    rt = make_runtime(cfg)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, rt, run)
+    splits = load_splits(cfg)
+    log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
+        + f" utterances; device {rt.device}; run {run}")
+    if phase in ("teacher", "all"):
+        seed_everything(cfg.seed)
+        train_teacher(cfg, rt, run, splits)
+    if phase in ("students", "all"):
+        train_students(cfg, rt, run, splits)
+    if phase in ("fusion", "all"):
+        train_fusion(cfg, rt, run, splits)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def library_versions() -> dict:
+    import sklearn
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "torchaudio": torchaudio.__version__,
+            "av": av.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+def write_run_config(cfg: Config, rt: Runtime, run: Path) -> None:
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    content = {"config": dataclasses.asdict(cfg), "classes": EMOTIONS[cfg.dataset],
+               "versions": library_versions(), "device": device}
+    atomic_write(run / "config.json", lambda f: f.write(json.dumps(content, indent=2).encode()))
+
+
+def read_run_config(run: Path) -> Config:
+    path = run / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"telme: {path} not found; is {run} a run directory?")
+    saved = json.loads(path.read_text())["config"]
+    return make_config(**saved)
+
+
+# ==================================================================================================
+# 6. Evaluation
+# ==================================================================================================
+def classification_report(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -> dict:
+    """Weighted F1 (x100, the paper's metric), per-class precision/recall/F1 and the confusion matrix."""
+    predictions = logits.argmax(-1).numpy()
+    everything = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=everything, zero_division=0)
+    return {
+        "wf1": 100 * f1_score(labels, predictions, labels=everything, average="weighted", zero_division=0),
+        "per_class": {c: {"precision": 100 * float(precision[i]), "recall": 100 * float(recall[i]),
+                          "f1": 100 * float(f1[i]), "support": int(support[i])}
+                      for i, c in enumerate(classes)},
+        "confusion": confusion_matrix(labels, predictions, labels=everything).tolist(),
+    }
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    if isinstance(dataset, FeatureDataset):
+        return dataset.utterance_labels.numpy()
+    return np.array([u.label for u in dataset.utterances])
+
+
+def phase_metrics(reports: dict, best_epoch: int) -> dict:
+    """One phase's entry of metrics.json (SPEC section 5)."""
+    return {"dev_wf1": reports["dev"]["wf1"],
+            "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
+            "best_epoch": best_epoch,
+            "per_class": {split: r["per_class"] for split, r in reports.items()},
+            "confusion": {split: r["confusion"] for split, r in reports.items()}}
+
+
+def update_metrics(run: Path, phase: str, metrics: dict) -> None:
+    path = run / "metrics.json"
+    everything = json.loads(path.read_text()) if path.is_file() else {}
+    everything[phase] = metrics
+    everything = {p: everything[p] for p in PHASES if p in everything}
+    atomic_write(path, lambda f: f.write(json.dumps(everything, indent=2).encode()))
+
+
+def evaluate(run: Path, split: str = "test", quiet: bool = False) -> dict:
+    """Recompute every trained phase's metrics from its saved weights; write metrics.json."""
+    cfg = dataclasses.replace(read_run_config(run), quiet=quiet)
+    rt = make_runtime(cfg)
+    splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
+    classes = EMOTIONS[cfg.dataset]
+    trained = [p for p in PHASES if weights_path(run, p).is_file()]
+    if not trained:
+        raise SystemExit(f"telme: {run} holds no trained phase")
+    if trained == ["teacher"]:
+        teacher, tokenizer = load_teacher(run, cfg, rt)
+        outputs = {}
+        for s, utts in splits.items():
+            dataset = UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens))
+            loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
+            outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, quiet, s)[1],
+                          "label": torch.tensor([u.label for u in utts])}
+    else:
+        outputs = frozen_outputs(cfg, rt, run, splits)
+    if "fusion" in trained:
+        fusion = ShiftingFusion(cfg.feature_dim, len(classes), cfg.heads, cfg.dropout, cfg.theta,
+                                cfg.asf_attention)
+        load_weights(fusion, weights_path(run, "fusion"))
+        fusion.to(rt.device)
+        for s, out in outputs.items():
+            loader = make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None, shuffle=False)
+            out["z_fusion"] = run_model(fusion, loader, fusion_forward, rt, quiet, s)[1]
+    results = {}
+    for phase in trained:
+        reports = {s: classification_report(out[f"z_{phase}"], out["label"].numpy(), classes)
+                   for s, out in outputs.items()}
+        with safe_open(weights_path(run, phase), "pt") as f:
+            metadata = f.metadata() or {}
+        results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
+        update_metrics(run, phase, results[phase])
+    print_report(results, classes, split)
+    return results
+
+
+def print_report(results: dict, classes: list[str], split: str) -> None:
+    for phase, m in results.items():
+        if split not in m["per_class"]:
+            continue
+        print(f"\n{phase} ({split}, best epoch {m['best_epoch']})")
+        print(f"  {'class':10s} {'prec':>6s} {'recall':>6s} {'f1':>6s} {'support':>7s}")
+        for c in classes:
+            r = m["per_class"][split][c]
+            print(f"  {c:10s} {r['precision']:6.2f} {r['recall']:6.2f} {r['f1']:6.2f} {r['support']:7d}")
+    print_summary(results)
+
+
+def print_summary(results: dict) -> None:
+    print(f"\n| {'phase':8s} | dev W-F1 | test W-F1 |\n|----------|----------|-----------|")
+    for phase, m in results.items():
+        test = f"{m['test_wf1']:9.2f}" if m["test_wf1"] is not None else "      n/a"
+        print(f"| {phase:8s} | {m['dev_wf1']:8.2f} | {test} |")
+
+
+# ==================================================================================================
+# 7. Synthetic data and the offline demo
+# ==================================================================================================
+# Each class is a (group, bit) pair: label = 2 * group + bit. The text names the group and nothing
+# else; the audio's pitch and the video's colour each carry the bit (noisily) and a weak hint of the
+# group. So the teacher cannot separate the two classes of a group, each student alone is weak, and
+# only the fusion of all three recovers the label.
+SYNTH_GROUP_WORDS = [["ugh", "hate", "stop", "enough"], ["wow", "great", "yes", "really"],
+                     ["okay", "fine", "whatever", "sure"], ["what", "huh", "seriously", "wait"]]
+SYNTH_FILLER = ["i", "you", "the", "it", "we", "just", "that", "know", "think", "this", "so", "well"]
+SYNTH_SPEAKERS = ["Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe", "Janice", "Gunther"]
+SYNTH_FPS, SYNTH_WIDTH, SYNTH_HEIGHT, SYNTH_AUDIO_RATE = 8, 64, 48, 48000
+MELD_SENTIMENT = {"anger": "negative", "disgust": "negative", "fear": "negative", "joy": "positive",
+                  "neutral": "neutral", "sadness": "negative", "surprise": "positive"}
+
+
+def write_clip(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
+               rate: int = SYNTH_AUDIO_RATE) -> None:
+    """An h264 (+ AAC) mp4 from (N, H, W, 3) uint8 frames and (channels, samples) float audio."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "12"}
+        layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]] if audio is not None else None
+        sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
+        for image in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        if sound is not None:
+            chunk = 1024  # AAC's frame size
+            for first in range(0, audio.shape[1], chunk):
+                samples = np.ascontiguousarray(audio[:, first:first + chunk], dtype=np.float32)
+                frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+                frame.sample_rate, frame.pts = rate, first
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode())
+
+
+def synth_utterance(label: int, num_classes: int, rng: random.Random) -> tuple[str, np.ndarray, np.ndarray]:
+    """Text, frames and audio of one synthetic utterance of class `label`."""
+    groups = (num_classes + 1) // 2
+    group, bit = divmod(label, 2)
+    if 2 * group + 1 >= num_classes:  # a class alone in its group: its bit carries nothing
+        bit = rng.randrange(2)
+    words = rng.sample(SYNTH_FILLER, rng.randint(2, 4)) + rng.sample(SYNTH_GROUP_WORDS[group], 2)
+    rng.shuffle(words)
+    text = " ".join(words).capitalize() + rng.choice([".", "!", "?"])
+    seconds = rng.uniform(1.0, 2.5)
+    # Audio: pitch low/high carries the bit (90% of the time); a 20% pitch step hints at the group.
+    audio_bit = bit if rng.random() < 0.9 else 1 - bit
+    audio_hint = group if rng.random() < 0.5 else rng.randrange(groups)
+    pitch = (300.0 if audio_bit == 0 else 1500.0) * (1 + 0.2 * audio_hint)
+    t = np.arange(int(seconds * SYNTH_AUDIO_RATE)) / SYNTH_AUDIO_RATE
+    noise = np.random.default_rng(rng.randrange(2 ** 32))
+    tone = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.02 * noise.standard_normal(t.size)
+    audio = np.stack([tone, tone]).astype(np.float32)  # stereo, as MELD
+    # Video: red or blue carries the bit (85% of the time); brightness hints at the group.
+    video_bit = bit if rng.random() < 0.85 else 1 - bit
+    video_hint = group if rng.random() < 0.5 else rng.randrange(groups)
+    colour = np.array([200, 40, 40] if video_bit == 0 else [40, 40, 200]) * (0.5 + 0.5 * video_hint / groups)
+    count = max(2, int(seconds * SYNTH_FPS))
+    frames = colour + noise.integers(-20, 21, size=(count, SYNTH_HEIGHT, SYNTH_WIDTH, 3))
+    return text, np.clip(frames, 0, 255).astype(np.uint8), audio
+
+
+def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) -> Path:
+    """A synthetic dataset in MELD's released layout: three CSVs and three folders of mp4 clips."""
+    if dataset != "meld":
+        raise SystemExit(f"telme: synth for {dataset} is not implemented yet")
+    rng = random.Random(seed)
+    classes = EMOTIONS["meld"]
+    sizes = {"train": dialogues, "dev": max(2, dialogues // 4), "test": max(2, dialogues // 4)}
+    for split, count in sizes.items():
+        csv_name, clip_dir = MELD_SPLITS[split]
+        rows = []
+        for d in range(count):
+            cast = rng.sample(SYNTH_SPEAKERS, rng.randint(2, 3))
+            for u in range(rng.randint(3, 7)):
+                label = rng.randrange(len(classes))
+                text, frames, audio = synth_utterance(label, len(classes), rng)
+                write_clip(out / clip_dir / f"dia{d}_utt{u}.mp4", frames, SYNTH_FPS, audio)
+                end = f"00:00:{u * 3 + 2:02d},500"
+                rows.append([len(rows) + 1, text, rng.choice(cast), classes[label],
+                             MELD_SENTIMENT[classes[label]], d, u, 1, 1, f"00:00:{u * 3:02d},000", end])
+        with open(out / csv_name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(MELD_COLUMNS)
+            writer.writerows(rows)
+    return out
+
+
+def word_level_tokenizer(corpus: list[str]):
+    """A BERT-style word-level tokenizer trained offline on `corpus` (for tiny models)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus + ["Now feels"], trainers.WordLevelTrainer(special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int,
+                      seed: int = 0) -> dict[str, str]:
+    """Randomly initialised small versions of the three encoders, saved as local model directories
+    so that they load through exactly the from_pretrained path the real models take."""
+    from transformers import (BertConfig, BertModel, Data2VecAudioConfig, Data2VecAudioModel,
+                              TimesformerConfig, TimesformerModel)
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer(corpus)
+    small = dict(hidden_size=dim, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * dim)
+    encoders = {
+        "text": BertModel(BertConfig(vocab_size=len(tokenizer) + len(SPEAKER_TOKENS),
+                                     max_position_embeddings=512, **small)),
+        "audio": Data2VecAudioModel(Data2VecAudioConfig(
+            conv_dim=(32, 32, 32), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4), conv_pos_kernel_size=5,
+            num_conv_pos_embeddings=2, num_conv_pos_embedding_groups=4, **small)),
+        "video": TimesformerModel(TimesformerConfig(image_size=image_size, patch_size=image_size // 4,
+                                                    num_frames=num_frames, **small)),
+    }
+    paths = {}
+    for kind, encoder in encoders.items():
+        paths[kind] = str(out / kind)
+        encoder.save_pretrained(paths[kind])
+    tokenizer.save_pretrained(paths["text"])
+    (out / "video" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "VideoMAEImageProcessor", "image_mean": [0.45] * 3,
+         "image_std": [0.225] * 3}))
+    return paths
+
+
+# Tiny models and learning rates that a CPU trains in minutes; everything else is the preset.
+DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_tokens=48,
+            image_size=32, feature_dim=48, max_audio_samples=48000)
+
+
+def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, quiet: bool = False) -> dict:
+    """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present."""
+    started = time.time()
+    data = synth(out / "data", dataset, dialogues, seed=seed)
+    corpus = [u.text for utts in load_splits(make_config(dataset, data_dir=str(data))).values() for u in utts]
+    models = write_tiny_models(out / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
+    cfg = make_config(dataset, data_dir=str(data), out=str(out / "run"), cache_dir=str(out / "cache"),
+                      text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
+                      seed=seed, quiet=quiet, **DEMO)
+    train(cfg)
+    results = evaluate(Path(cfg.out), quiet=quiet)
+    print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}")
+    return results
+
+
+# ==================================================================================================
+# 8. Command line
+# ==================================================================================================
+def parse_numbers(kind):
+    def parse(text: str) -> tuple:
+        return tuple(kind(x) for x in text.split(","))
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, its docstring as help; unset flags keep the preset's value."""
+    docs = field_docs(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=docs[f.name])
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(f.type)
+        if f.type == "tuple":
+            kind = parse_numbers(int if f.name == "epochs" else float)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{docs[f.name]} [default: {f.default}]")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and k != "dataset"}
+    return make_config(getattr(args, "dataset", "meld"), **overrides)
+
+
+def stats(cfg: Config) -> dict:
+    classes = EMOTIONS[cfg.dataset]
+    return {split: {"dialogues": len(dialogues(utts)), "utterances": len(utts),
+                    "classes": {c: sum(u.label == i for u in utts) for i, c in enumerate(classes)}}
+            for split, utts in load_splits(cfg).items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="telme.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="decode every clip once into the media cache")
+    add_config_flags(prepare)
+    train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
+    add_config_flags(train_cmd)
+    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all")
+    eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
+    eval_cmd.add_argument("--run", required=True)
+    eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
+                          help="split whose per-class table is printed")
+    eval_cmd.add_argument("--quiet", action="store_true")
+    stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
+    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
+    stats_cmd.add_argument("--data-dir", required=True)
+    synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
+    synth_cmd.add_argument("--out", required=True)
+    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
+    synth_cmd.add_argument("--dialogues", type=int, default=40, help="train dialogues (dev, test: a quarter)")
+    synth_cmd.add_argument("--seed", type=int, default=0)
+    demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
+    demo_cmd.add_argument("--out", default="runs/demo")
+    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
+    demo_cmd.add_argument("--seed", type=int, default=42)
+    demo_cmd.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare":
+        cfg = config_from_args(args)
+        prepare_media(cfg, load_splits(cfg))
+    elif args.command == "train":
+        train(config_from_args(args), args.phase)
+    elif args.command == "eval":
+        evaluate(Path(args.run), args.split, args.quiet)
+    elif args.command == "stats":
+        print(json.dumps(stats(make_config(args.dataset, data_dir=args.data_dir)), indent=2))
+    elif args.command == "synth":
+        synth(Path(args.out), args.dataset, args.dialogues, args.seed)
+    elif args.command == "demo":
+        demo(Path(args.out), args.dataset, args.seed, quiet=args.quiet)
+
+
+if __name__ == "__main__":
+    main()
