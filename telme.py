@@ -1358,7 +1358,7 @@ def stats(cfg: Config) -> dict:
             for split, utts in load_splits(cfg).items()}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telme.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="decode every clip once into the media cache")
@@ -1384,7 +1384,11 @@ def main(argv=None) -> None:
     demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
     demo_cmd.add_argument("--seed", type=int, default=42)
     demo_cmd.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     if args.command == "prepare":
         cfg = config_from_args(args)
