@@ -565,9 +565,18 @@ class TextTeacher(nn.Module):
         self.encoder = encoder
         self.project = nn.Linear(encoder.config.hidden_size, feature_dim)
         self.classifier = nn.Linear(feature_dim, num_classes)
+        # RoBERTa-family embeddings number positions from the first non-pad token (padding_idx);
+        # absolute-position encoders (BERT family) would count the left padding, so that a prompt's
+        # output would depend on its batch mates. For those, positions are passed explicitly.
+        embeddings = getattr(encoder, "embeddings", None)
+        self.explicit_positions = (not hasattr(embeddings, "padding_idx")
+                                   and "position_ids" in inspect.signature(encoder.forward).parameters)
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        positions = {}
+        if self.explicit_positions:
+            positions["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
         h_mask = hidden[:, -1]  # (B, H): left padding keeps the mask token last
         feature = self.project(h_mask)  # (B, D)
         return feature, self.classifier(feature)
@@ -1109,7 +1118,7 @@ def update_metrics(run: Path, phase: str, metrics: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(everything, indent=2).encode()))
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False) -> dict:
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True) -> dict:
     """Recompute every trained phase's metrics from its saved weights; write metrics.json."""
     cfg = dataclasses.replace(read_run_config(run), quiet=quiet)
     rt = make_runtime(cfg)
@@ -1144,11 +1153,12 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False) -> dict:
             metadata = f.metadata() or {}
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
         update_metrics(run, phase, results[phase])
-    print_report(results, classes, split)
+    if per_class:
+        print_per_class(results, classes, split)
     return results
 
 
-def print_report(results: dict, classes: list[str], split: str) -> None:
+def print_per_class(results: dict, classes: list[str], split: str) -> None:
     for phase, m in results.items():
         if split not in m["per_class"]:
             continue
@@ -1157,7 +1167,6 @@ def print_report(results: dict, classes: list[str], split: str) -> None:
         for c in classes:
             r = m["per_class"][split][c]
             print(f"  {c:10s} {r['precision']:6.2f} {r['recall']:6.2f} {r['f1']:6.2f} {r['support']:7d}")
-    print_summary(results)
 
 
 def print_summary(results: dict) -> None:
@@ -1316,8 +1325,10 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, 
                       text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
                       seed=seed, quiet=quiet, **DEMO)
     train(cfg)
-    results = evaluate(Path(cfg.out), quiet=quiet)
-    print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}")
+    results = evaluate(Path(cfg.out), quiet=quiet, per_class=False)
+    print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}; "
+          f"per-class reports: python telme.py eval --run {cfg.out}")
+    print_summary(results)
     return results
 
 
@@ -1396,7 +1407,7 @@ def main(argv=None) -> None:
     elif args.command == "train":
         train(config_from_args(args), args.phase)
     elif args.command == "eval":
-        evaluate(Path(args.run), args.split, args.quiet)
+        print_summary(evaluate(Path(args.run), args.split, args.quiet))
     elif args.command == "stats":
         print(json.dumps(stats(make_config(args.dataset, data_dir=args.data_dir)), indent=2))
     elif args.command == "synth":

@@ -177,9 +177,26 @@ def test_teacher_pools_the_mask_position():
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 7]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     feature, logits = teacher(ids, mask)
-    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     assert feature.shape == (2, 12) and logits.shape == (2, 7)
+    # A left-padded prompt gives the same feature as the same prompt alone (positions skip the pads).
+    alone, _ = teacher(ids[:1, 2:], mask[:1, 2:])
+    assert torch.allclose(feature[:1], alone, atol=1e-5)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = encoder(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
     assert torch.allclose(feature, teacher.project(hidden[:, -1]), atol=1e-6)
+
+
+def test_roberta_teacher_left_padding_matches_unpadded():
+    from transformers import RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    encoder = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, pad_token_id=1,
+                                         num_attention_heads=2, intermediate_size=32))
+    teacher = telme.TextTeacher(encoder, 7, 12).eval()
+    assert not teacher.explicit_positions  # RoBERTa derives positions from its padding itself
+    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    feature, _ = teacher(ids, mask)
+    assert torch.allclose(feature[:1], teacher(ids[:1, 2:], mask[:1, 2:])[0], atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
