@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -182,11 +183,31 @@ MELD_SPLITS = {
 }
 MELD_COLUMNS = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
                 "Utterance_ID", "Season", "Episode", "StartTime", "EndTime"]
+MELD_REQUIRED = ["Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"]
 # The MELD CSVs hold C1 control characters (cp1252 bytes read as latin-1) where punctuation was.
+# Those seen in MELD's text and speaker names map to plain ASCII; any other C1 character gets its
+# cp1252 meaning (the five bytes cp1252 leaves undefined carry nothing and are dropped).
 MELD_C1_PUNCTUATION = str.maketrans({
+    **{chr(b): bytes([b]).decode("cp1252", errors="ignore") for b in range(0x80, 0xa0)},
     "\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x85": "...", "\x96": "-", "\x97": "-",
     "\xa0": " ",
 })
+
+# IEMOCAP as released (IEMOCAP_full_release/SessionN/, SPEC section 4). Session 5 is the test split;
+# dev is a tenth of the Session 1-4 dialogues (12 of 120), drawn by IEMOCAP_DEV_SEED from their
+# sorted names, fixed so that the split does not move with --seed.
+IEMOCAP_SESSIONS = ("Session1", "Session2", "Session3", "Session4", "Session5")
+IEMOCAP_TEST_SESSION = "Session5"
+IEMOCAP_DEV_FRACTION = 0.1
+IEMOCAP_DEV_SEED = 0
+IEMOCAP_DROPPED = {"xxx", "oth", "sur", "fea", "dis"}  # labels outside the six classes (SPEC section 4)
+# `Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.`; other transcription lines are not turns.
+IEMOCAP_TURN = re.compile(r"^(\S+) \[(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)\]:\s?(.*)$")
+# The official code's split CSVs; their paths begin with IEMOCAP_CSV_PREFIX, read as --data-dir.
+IEMOCAP_CSV = {split: f"IEMOCAP_{split}.csv" for split in ("train", "dev", "test")}
+IEMOCAP_COLUMNS = ["Utterance", "Speaker", "Dialogue_ID", "Start_Time", "End_Time", "Wav_Path",
+                   "Video_Path", "Emotion"]
+IEMOCAP_CSV_PREFIX = "./dataset/IEMOCAP_full_release/"
 
 
 @dataclass
@@ -205,53 +226,189 @@ class DataError(Exception):
     """Bad dataset input; the message names the file, the row and the problem."""
 
 
+def csv_rows(path: Path, columns: list[str], dialogue_column: str):
+    """(row number, row) of a dataset CSV, row 1 being the header. Checks that the file is not
+    empty, holds `columns`, that every row has every field and that each dialogue's rows are
+    contiguous (the teacher's history is the rows before, so a split dialogue would be two)."""
+    row_number = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}:1: empty file; expected a header with {', '.join(columns)}")
+            missing = [c for c in columns if c not in reader.fieldnames]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}")
+            finished, current = set(), None
+            for row_number, row in enumerate(reader, start=2):
+                if any(row[c] is None for c in columns):
+                    present = sum(v is not None for k, v in row.items() if k is not None)
+                    raise DataError(f"{path}:{row_number}: {present} fields, the header has "
+                                    f"{len(reader.fieldnames)}")
+                dialogue = row[dialogue_column].strip()
+                if dialogue != current:
+                    if dialogue in finished:
+                        raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
+                    finished.add(current)
+                    current = dialogue
+                yield row_number, row
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{row_number + 1}: not UTF-8 text") from None
+
+
 def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
     csv_name, clip_dir = MELD_SPLITS[split]
     path = data_dir / csv_name
     classes = EMOTIONS["meld"]
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")
-                   if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-        utterances, finished = [], set()
-        for row_number, row in enumerate(reader, start=2):  # row 1 is the header
-            emotion = row["Emotion"].strip().lower()
-            if emotion not in classes:
-                raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
-            dialogue = row["Dialogue_ID"].strip()
-            if utterances and dialogue != utterances[-1].dialogue:
-                finished.add(utterances[-1].dialogue)
-            if dialogue in finished:
-                raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
-            clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
-            utterances.append(Utterance(
-                dialogue=dialogue, speaker=row["Speaker"].strip(),
-                text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
-                label=classes.index(emotion), video=clip, audio=clip))
+    utterances = []
+    for row_number, row in csv_rows(path, MELD_REQUIRED, "Dialogue_ID"):
+        emotion = row["Emotion"].strip().lower()
+        if emotion not in classes:
+            raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+        dialogue = row["Dialogue_ID"].strip()
+        clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
+        utterances.append(Utterance(
+            dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
+            text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
+            label=classes.index(emotion), video=clip, audio=clip))
     if not utterances:
-        raise DataError(f"{path}: no utterances")
+        raise DataError(f"{path}:2: no utterances after the header")
+    return utterances
+
+
+def iemocap_speaker(utterance_id: str) -> str:
+    """F or M: the first letter of the utterance id's last part (Ses01F_impro01_F000 -> F) (D6)."""
+    return utterance_id.strip().rsplit("_", 1)[-1][:1]
+
+
+def divx_folder(avi_dir: Path) -> Path:
+    """avi/DivX or avi/Divx: the folder's case varies across the release's sessions."""
+    for name in ("DivX", "Divx"):
+        if (avi_dir / name).is_dir():
+            return avi_dir / name
+    return avi_dir / "DivX"
+
+
+def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
+    """The six-class turns of one dialogue, in time order, from its transcription and EmoEvaluation."""
+    classes = EMOTIONS["iemocap"]
+    labels_path = session_dir / "dialog" / "EmoEvaluation" / f"{dialog}.txt"
+    if not labels_path.is_file():
+        raise DataError(f"{labels_path}: not found (it holds the labels of {dialog})")
+    labels = {}
+    # Label lines: `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[2.5000, 2.5000, 2.5000]`;
+    # the annotators' lines (C-E1:, A-E1:, ...) and the header start otherwise.
+    for row_number, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split("\t")
+        if line.startswith("[") and len(parts) >= 3:
+            label = parts[2].strip()
+            if label not in classes and label not in IEMOCAP_DROPPED:
+                raise DataError(f"{labels_path}:{row_number}: unknown emotion {label!r}")
+            labels[parts[1].strip()] = label
+    wav_dir = session_dir / "sentences" / "wav" / dialog
+    video = str(divx_folder(session_dir / "dialog" / "avi") / f"{dialog}.avi")
+    transcript = session_dir / "dialog" / "transcriptions" / f"{dialog}.txt"
+    turns = []
+    for line in transcript.read_text(encoding="utf-8").splitlines():
+        match = IEMOCAP_TURN.match(line.strip())
+        if match and labels.get(match[1]) in classes:
+            turn, start, end, text = match[1], float(match[2]), float(match[3]), match[4].strip()
+            turns.append(Utterance(dialogue=dialog, speaker=iemocap_speaker(turn), text=text,
+                                   label=classes.index(labels[turn]), video=video,
+                                   audio=str(wav_dir / f"{turn}.wav"), start=start, end=end))
+    return sorted(turns, key=lambda u: (u.start, u.audio))
+
+
+def iemocap_dev_dialogues(names: list[str]) -> set[str]:
+    """The documented dev rule: IEMOCAP_DEV_FRACTION of the Session 1-4 dialogues (12 of 120),
+    random.Random(IEMOCAP_DEV_SEED).sample of their sorted names."""
+    count = max(1, round(len(names) * IEMOCAP_DEV_FRACTION))
+    return set(random.Random(IEMOCAP_DEV_SEED).sample(sorted(names), count))
+
+
+def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
+    """train, dev and test from the raw release tree: Session 5 is test, dev per the rule above."""
+    by_session = {}
+    for session in IEMOCAP_SESSIONS:
+        transcripts = data_dir / session / "dialog" / "transcriptions"
+        if transcripts.is_dir():
+            by_session[session] = {path.stem: read_iemocap_dialogue(data_dir / session, path.stem)
+                                   for path in sorted(transcripts.glob("*.txt"))}
+    development = {name: turns for session, dialogs in by_session.items()
+                   if session != IEMOCAP_TEST_SESSION for name, turns in dialogs.items() if turns}
+    if not development:
+        raise DataError(f"{data_dir}: no labelled turns in Session1-4/dialog/transcriptions")
+    dev = iemocap_dev_dialogues(list(development))
+    splits = {"train": [u for name in sorted(development) if name not in dev for u in development[name]],
+              "dev": [u for name in sorted(dev) for u in development[name]]}
+    if IEMOCAP_TEST_SESSION in by_session:
+        splits["test"] = [u for name, turns in sorted(by_session[IEMOCAP_TEST_SESSION].items()) for u in turns]
+    return splits
+
+
+def release_path(data_dir: Path, path: str) -> str:
+    """A path of the official split CSVs on this machine: ./dataset/IEMOCAP_full_release/ is --data-dir."""
+    relative = path.strip().removeprefix(IEMOCAP_CSV_PREFIX)
+    resolved = data_dir / relative
+    if resolved.parent.name.lower() == "divx":
+        resolved = divx_folder(resolved.parent.parent) / resolved.name
+    return str(resolved)
+
+
+def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
+    """One split from the official code's IEMOCAP_{split}.csv."""
+    path = data_dir / IEMOCAP_CSV[split]
+    classes = EMOTIONS["iemocap"]
+    utterances = []
+    for row_number, row in csv_rows(path, IEMOCAP_COLUMNS, "Dialogue_ID"):
+        emotion = row["Emotion"].strip().lower()
+        if emotion not in classes:
+            raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+        try:
+            start, end = float(row["Start_Time"]), float(row["End_Time"])
+        except ValueError:
+            raise DataError(f"{path}:{row_number}: Start_Time/End_Time are not numbers") from None
+        utterances.append(Utterance(
+            dialogue=row["Dialogue_ID"].strip(), speaker=iemocap_speaker(row["Speaker"]),
+            text=row["Utterance"].strip(), label=classes.index(emotion),
+            video=release_path(data_dir, row["Video_Path"]), audio=release_path(data_dir, row["Wav_Path"]),
+            start=start, end=end))
+    if not utterances:
+        raise DataError(f"{path}:2: no utterances after the header")
     return utterances
 
 
 def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
     """train, dev and (when present) test utterances, in dialogue order."""
     data_dir = Path(cfg.data_dir)
-    if cfg.dataset != "meld":
-        raise SystemExit(f"telme: reading {cfg.dataset} is not implemented yet")
-    for split in ("train", "dev"):
-        if not (data_dir / MELD_SPLITS[split][0]).is_file():
-            raise SystemExit(
-                f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
-                "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
-                "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
-                "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
     try:
+        if cfg.dataset == "iemocap":
+            return load_iemocap(data_dir)
+        for split in ("train", "dev"):
+            if not (data_dir / MELD_SPLITS[split][0]).is_file():
+                raise SystemExit(
+                    f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
+                    "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
+                    "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
+                    "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
         return {split: read_meld_split(data_dir, split) for split in MELD_SPLITS
                 if (data_dir / MELD_SPLITS[split][0]).is_file()}
     except DataError as error:
         raise SystemExit(f"telme: {error}")
+
+
+def load_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
+    """The official split CSVs when --data-dir holds them, otherwise the raw release tree."""
+    if (data_dir / IEMOCAP_CSV["train"]).is_file():
+        return {split: read_iemocap_csv(data_dir, split) for split in IEMOCAP_CSV
+                if (data_dir / IEMOCAP_CSV[split]).is_file()}
+    if not (data_dir / IEMOCAP_SESSIONS[0]).is_dir():
+        raise SystemExit(
+            f"telme: {data_dir / IEMOCAP_SESSIONS[0]} not found. IEMOCAP is licensed on request from "
+            "https://sail.usc.edu/iemocap/; --data-dir must be IEMOCAP_full_release, holding "
+            "Session1/ ... Session5/ (or the official split CSVs IEMOCAP_train.csv, IEMOCAP_dev.csv, "
+            "IEMOCAP_test.csv).")
+    return read_iemocap(data_dir)
 
 
 def dialogues(utterances: list[Utterance]) -> list[list[Utterance]]:
@@ -293,33 +450,77 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int) -
 
 
 # --- Media decoding -------------------------------------------------------------------------------
+# Only what is used is decoded, so that clips minutes long (MELD holds some) and utterances inside
+# a dialogue's video (IEMOCAP) cost about what a short clip does. Audio: decoding starts with a
+# seek to just before the kept tail; after a seek the codec restarts cold, and AUDIO_SEEK_MARGIN
+# seconds cover that warm-up. Video: see decode_frames.
+AUDIO_SEEK_MARGIN = 1.0
+
+
 class MediaError(Exception):
     """A clip that is missing or cannot be decoded; the message says why."""
+
+
+# What a damaged file makes PyAV raise (truncated containers, broken packets, odd metadata).
+DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivisionError)
+
+
+def open_media(path: str):
+    """The opened container; a MediaError for a missing or empty file."""
+    if not os.path.isfile(path):
+        raise MediaError("file not found")
+    if os.path.getsize(path) == 0:
+        raise MediaError("empty file (0 bytes)")
+    return av.open(path)
+
+
+def stream_span(container, stream) -> tuple[float, float]:
+    """(first, last) presentation time of `stream`, in seconds."""
+    first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+    if stream.duration:
+        return first, first + float(stream.duration * stream.time_base)
+    if container.duration:
+        return first, container.duration / av.time_base
+    raise MediaError(f"{stream.type} stream declares no duration")
 
 
 def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
                  end: float | None = None) -> np.ndarray:
     """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept."""
-    if not os.path.isfile(path):
-        raise MediaError("file not found")
     try:
-        with av.open(path) as container:
+        with open_media(path) as container:
             if not container.streams.audio:
                 raise MediaError("no audio stream")
             stream = container.streams.audio[0]
             source_rate = stream.codec_context.sample_rate
+            first, last = stream_span(container, stream)
+            low, high = (first, last) if start is None else (start, end)
+            entry = max(low, high - max_samples / rate) - AUDIO_SEEK_MARGIN
+            if entry > first:
+                container.seek(int(entry / stream.time_base), stream=stream)
             to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
-            chunks = []
+            chunks, decoded_from = [], None
             for frame in container.decode(stream):
+                if end is not None and frame.time is not None and frame.time >= high:
+                    break
+                if decoded_from is None:
+                    decoded_from = frame.time or 0.0
                 for converted in to_float.resample(frame):
                     chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
-    except (av.error.FFmpegError, UnicodeDecodeError) as error:
+    except DECODE_ERRORS as error:
         raise MediaError(f"cannot decode: {error}") from None
     if not chunks:
         raise MediaError("audio stream decodes to nothing")
     waveform = np.concatenate(chunks).astype(np.float32)
-    if start is not None:  # a window inside a longer recording
-        waveform = waveform[int(start * source_rate):int(end * source_rate)]
+    begin = max(0, round((low - decoded_from) * source_rate))
+    stop = round((high - decoded_from) * source_rate) if end is not None else None
+    # Start on a sample whose absolute index the resampler's period divides, so the output samples
+    # fall on the same 16 kHz grid however far into the stream decoding began.
+    period = source_rate // math.gcd(source_rate, rate)
+    begin += -(round(decoded_from * source_rate) + begin) % period
+    waveform = waveform[begin:stop]
+    if not waveform.any():
+        raise MediaError("audio is silent (every sample is zero)")
     waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, rate).numpy()
     return waveform[-max_samples:]
 
@@ -329,43 +530,59 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
     """(num_frames, size, size, 3) uint8 RGB frames sampled uniformly over the clip (or window).
 
     Frame i is the one showing the centre of the i-th of num_frames equal segments; each is resized
-    so that its short side is `size`, then centre-cropped to size x size.
+    so that its short side is `size`, then centre-cropped to size x size. Decoding goes on from one
+    target to the next while they share a keyframe, and seeks to the target's keyframe when one
+    lies in between: a short clip is decoded once front to back, a long one (or a window of a long
+    recording) costs at most a keyframe interval per target.
     """
-    if not os.path.isfile(path):
-        raise MediaError("file not found")
     try:
-        with av.open(path) as container:
+        keyframes = keyframe_times(path, start, end)
+        with open_media(path) as container:
             if not container.streams.video:
                 raise MediaError("no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
-            if stream.duration:
-                last = first + float(stream.duration * stream.time_base)
-            else:
-                last = container.duration / av.time_base if container.duration else math.inf
+            first, last = stream_span(container, stream)
             t0, t1 = (first, last) if start is None else (start, end)
-            if start is not None and start > first:
-                container.seek(int(start / stream.time_base), stream=stream)
             frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
             targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
-            frames = []
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                # This frame is on screen from frame.time until frame.time + frame_time.
-                while len(frames) < num_frames and frame.time + frame_time > targets[len(frames)]:
-                    frames.append(resize_and_crop(frame, size))
-                if len(frames) == num_frames:
-                    break
-                last_frame = frame
-    except (av.error.FFmpegError, UnicodeDecodeError) as error:
+            frames, decoded, shown = [], None, None  # shown: the last decoded frame
+            for target in targets:
+                keyframe = max((k for k in keyframes if k <= target), default=first)
+                if decoded is None or keyframe > shown.time:
+                    if keyframe > first:
+                        container.seek(int(keyframe / stream.time_base), stream=stream)
+                    decoded = (f for f in container.decode(stream) if f.time is not None)
+                # A frame is on screen from frame.time until frame.time + frame_time.
+                while shown is None or shown.time + frame_time <= target:
+                    following = next(decoded, None)
+                    if following is None:  # the stream ended before its declared duration
+                        break
+                    shown = following
+                if shown is None:
+                    raise MediaError("video stream decodes to nothing")
+                frames.append(resize_and_crop(shown, size))
+    except DECODE_ERRORS as error:
         raise MediaError(f"cannot decode: {error}") from None
-    if not frames and "last_frame" not in locals():
-        raise MediaError("video stream decodes to nothing")
-    while len(frames) < num_frames:  # the stream ended before its declared duration
-        frames.append(frames[-1] if frames else resize_and_crop(last_frame, size))
     return np.stack(frames)
+
+
+def keyframe_times(path: str, start: float | None, end: float | None) -> list[float]:
+    """Presentation times of the video keyframes from the one before `start` to `end`, read from the
+    packet headers (nothing is decoded)."""
+    with open_media(path) as container:
+        if not container.streams.video:
+            return []
+        stream = container.streams.video[0]
+        if start is not None:
+            container.seek(int(start / stream.time_base), stream=stream)
+        times = []
+        for packet in container.demux(stream):
+            if packet.dts is not None and end is not None and packet.dts * stream.time_base > end:
+                break
+            if packet.is_keyframe and packet.pts is not None:
+                times.append(float(packet.pts * stream.time_base))
+        return times
 
 
 def resize_and_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
