@@ -42,6 +42,7 @@ import re
 import sys
 import tempfile
 import time
+import wave
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,8 @@ class Config:
     """DataLoader workers while training; -1 means 4 on CUDA, 0 on a CPU"""
     quiet: bool = False
     """no progress bars (they are also off when stderr is not a terminal)"""
+    strict: bool = False
+    """any missing or undecodable clip exits non-zero before training (default: modality marked missing)"""
 
 
 # The official code's values per dataset (SPEC section 2); applied before command-line flags.
@@ -657,11 +660,7 @@ class MediaCache:
             results = pool.imap_unordered(decode_entry, jobs, chunksize=4) if pool else map(decode_entry, jobs)
             for kind, path, reason in progress(results, "decoding clips", quiet, total=len(jobs),
                                                unit="clip"):
-                if reason:
-                    counts["failed"] += 1
-                    log(f"media fault: {path}: {kind}: {reason}")
-                else:
-                    counts["decoded"] += 1
+                counts["failed" if reason else "decoded"] += 1  # prepare_media lists the faults
             if pool:
                 pool.close()
                 pool.join()
@@ -1155,12 +1154,38 @@ def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Uttera
 
 
 def prepare_media(cfg: Config, splits: dict) -> MediaCache:
+    """Decode every clip not cached yet, then list each utterance's media faults (those found by an
+    earlier preparation too) and count them; under --strict a fault stops everything here."""
     media = MediaCache(cfg)
     everything = [u for utts in splits.values() for u in utts]
     counts = media.prepare(everything, cfg.workers, cfg.quiet)
+    faults = {"audio": 0, "video": 0}
+    for u in everything:
+        reasons = media_faults(media, u)
+        for kind in reasons:
+            faults[kind] += 1
+        if len(reasons) == 2 and u.audio == u.video and len(set(reasons.values())) == 1:
+            log(f"media fault: {u.video}: {reasons['video']} (audio and video marked missing)")
+            continue
+        for kind, reason in reasons.items():
+            log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} marked missing)")
     log(f"media: {len(everything)} utterances, {counts['cached']} entries cached, "
-        f"{counts['decoded']} decoded, {counts['failed']} faults")
+        f"{counts['decoded']} decoded, {sum(faults.values())} faults "
+        f"(audio {faults['audio']}, video {faults['video']})")
+    if cfg.strict and sum(faults.values()):
+        raise SystemExit(f"telme: {sum(faults.values())} media faults (listed above); "
+                         "--strict stops before training")
     return media
+
+
+def media_faults(media: MediaCache, u: Utterance) -> dict[str, str]:
+    """{kind: reason} for each modality of `u` that could not be decoded."""
+    faults = {}
+    for kind in ("audio", "video"):
+        error = media.location(kind, u).with_suffix(".err")
+        if error.exists():
+            faults[kind] = error.read_text()
+    return faults
 
 
 def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
@@ -1262,6 +1287,8 @@ def train(cfg: Config, phase: str = "all") -> dict:
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
+    if cfg.strict and phase != "teacher":  # media faults stop the run before any phase trains
+        prepare_media(cfg, splits)
     if phase in ("teacher", "all"):
         seed_everything(cfg.seed)
         train_teacher(cfg, rt, run, splits)
@@ -1405,18 +1432,25 @@ SYNTH_GROUP_WORDS = [["ugh", "hate", "stop", "enough"], ["wow", "great", "yes", 
 SYNTH_FILLER = ["i", "you", "the", "it", "we", "just", "that", "know", "think", "this", "so", "well"]
 SYNTH_SPEAKERS = ["Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe", "Janice", "Gunther"]
 SYNTH_FPS, SYNTH_WIDTH, SYNTH_HEIGHT, SYNTH_AUDIO_RATE = 8, 64, 48, 48000
+SYNTH_VIDEO_CODECS = {".mp4": ("libx264", {"preset": "ultrafast", "crf": "12"}),
+                      ".avi": ("mpeg4", {"qscale": "2"})}  # near-lossless: the colour carries the label
+SYNTH_WAV_RATE = 16000  # IEMOCAP's sentence wavs: 16 kHz mono, 16-bit
+SYNTH_TURN_GAP = 0.5  # seconds of grey between two turns of a synthetic IEMOCAP dialogue video
+SYNTH_DROPPED_RATE = 0.15  # share of synthetic IEMOCAP turns labelled outside the six classes
 MELD_SENTIMENT = {"anger": "negative", "disgust": "negative", "fear": "negative", "joy": "positive",
                   "neutral": "neutral", "sadness": "negative", "surprise": "positive"}
 
 
 def write_clip(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
                rate: int = SYNTH_AUDIO_RATE) -> None:
-    """An h264 (+ AAC) mp4 from (N, H, W, 3) uint8 frames and (channels, samples) float audio."""
+    """A clip from (N, H, W, 3) uint8 frames and (channels, samples) float audio, coded as the
+    releases code theirs: h264 (+ AAC) in .mp4 (MELD), DivX, i.e. MPEG-4 part 2, in .avi (IEMOCAP)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    codec, options = SYNTH_VIDEO_CODECS[path.suffix]
     with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=fps)
+        video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.options = {"preset": "ultrafast", "crf": "12"}
+        video.options = options
         layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]] if audio is not None else None
         sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
         for image in frames:
@@ -1460,10 +1494,11 @@ def synth_utterance(label: int, num_classes: int, rng: random.Random) -> tuple[s
 
 
 def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) -> Path:
-    """A synthetic dataset in MELD's released layout: three CSVs and three folders of mp4 clips."""
-    if dataset != "meld":
-        raise SystemExit(f"telme: synth for {dataset} is not implemented yet")
+    """A synthetic dataset in the released layout of `dataset`. MELD: `dialogues` train dialogues,
+    a quarter as many in dev and in test; IEMOCAP: `dialogues` in Sessions 1-4, a quarter in Session 5."""
     rng = random.Random(seed)
+    if dataset == "iemocap":
+        return synth_iemocap(out, dialogues, rng)
     classes = EMOTIONS["meld"]
     sizes = {"train": dialogues, "dev": max(2, dialogues // 4), "test": max(2, dialogues // 4)}
     for split, count in sizes.items():
@@ -1483,6 +1518,59 @@ def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) 
             writer.writerow(MELD_COLUMNS)
             writer.writerows(rows)
     return out
+
+
+def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
+    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in
+    the release's line formats, one 16 kHz wav per turn and one avi holding every turn of both
+    speakers, separated by grey. Some turns carry labels outside the six classes (xxx, oth, ...)."""
+    classes = EMOTIONS["iemocap"]
+    names: dict[str, list[str]] = {session: [] for session in IEMOCAP_SESSIONS}
+    for index in range(dialogues + max(2, dialogues // 4)):
+        session = IEMOCAP_SESSIONS[index % 4] if index < dialogues else IEMOCAP_TEST_SESSION
+        k = len(names[session])
+        names[session].append(f"Ses0{session[-1]}{'FM'[k % 2]}_{('impro', 'script')[k // 2 % 2]}{k // 4 + 1:02d}")
+    for number, (session, dialogs) in enumerate(names.items(), start=1):
+        root = out / session
+        # The release spells the video folder DivX in some sessions and Divx in others.
+        avi_dir = root / "dialog" / "avi" / ("DivX" if number % 2 else "Divx")
+        for dialog in dialogs:
+            transcript, evaluation = [], ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+            timeline, cursor, turns = [], SYNTH_TURN_GAP, {"F": 0, "M": 0}
+            for _ in range(rng.randint(3, 7)):
+                speaker, label = rng.choice("FM"), rng.randrange(len(classes))
+                emotion = (rng.choice(sorted(IEMOCAP_DROPPED)) if rng.random() < SYNTH_DROPPED_RATE
+                           else classes[label])
+                text, frames, audio = synth_utterance(label, len(classes), rng)
+                turn = f"{dialog}_{speaker}{turns[speaker]:03d}"
+                turns[speaker] += 1
+                start, end = cursor, cursor + len(frames) / SYNTH_FPS
+                transcript.append(f"{turn} [{start:08.4f}-{end:08.4f}]: {text}")
+                evaluation += [f"[{start:.4f} - {end:.4f}]\t{turn}\t{emotion}\t[2.5000, 2.5000, 2.5000]",
+                               f"C-E1:\t{emotion};\t()", "A-E1:\tval 3; act 2; dom  2;\t()", ""]
+                wave_16k = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE,
+                                                          SYNTH_WAV_RATE).numpy()
+                write_wav(root / "sentences" / "wav" / dialog / f"{turn}.wav", wave_16k, SYNTH_WAV_RATE)
+                timeline.append((round(start * SYNTH_FPS), frames))
+                cursor = end + SYNTH_TURN_GAP
+            video = np.full((round(cursor * SYNTH_FPS), SYNTH_HEIGHT, SYNTH_WIDTH, 3), 128, np.uint8)
+            for first, frames in timeline:
+                video[first:first + len(frames)] = frames
+            write_clip(avi_dir / f"{dialog}.avi", video, SYNTH_FPS)
+            for folder, lines in (("transcriptions", transcript), ("EmoEvaluation", evaluation)):
+                (root / "dialog" / folder).mkdir(parents=True, exist_ok=True)
+                (root / "dialog" / folder / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """A mono 16-bit PCM wav from float samples in [-1, 1]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def word_level_tokenizer(corpus: list[str]):
@@ -1605,7 +1693,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
     synth_cmd.add_argument("--out", required=True)
     synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
-    synth_cmd.add_argument("--dialogues", type=int, default=40, help="train dialogues (dev, test: a quarter)")
+    synth_cmd.add_argument("--dialogues", type=int, default=40,
+                           help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
+                                "dialogues (Session 5: a quarter)")
     synth_cmd.add_argument("--seed", type=int, default=0)
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
     demo_cmd.add_argument("--out", default="runs/demo")
