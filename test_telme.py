@@ -299,3 +299,418 @@ def test_config_presets_and_overrides():
     args = ["train", "--dataset", "iemocap", "--epochs", "10,10,8", "--tau", "3"]
     parsed = telme.config_from_args(telme.build_parser().parse_args(args))
     assert parsed.epochs == (10, 10, 8) and parsed.tau == 3.0 and parsed.alpha == 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# MELD as released: C1 characters, bad CSV input, the teacher without clips
+# --------------------------------------------------------------------------------------------------
+def test_meld_c1_characters_become_the_punctuation_they_stood_for(tmp_path):
+    rows = [(0, 0, "Richard\x92s Date", "joy", "It\x92s \x91Kay\x92\x85 so\x97no\x96yes"),
+            (0, 1, "Ross", "neutral", "\x93Hi\x94\xa0there \x80 5"),
+            (1, 0, "Monica", "anger", "plain text, é and ’ untouched")]
+    write_meld_csv(tmp_path / "train_sent_emo.csv", rows)
+    utterances = telme.read_meld_split(tmp_path, "train")
+    assert [u.text for u in utterances] == ["It's 'Kay'... so-no-yes", '"Hi" there € 5',
+                                            "plain text, é and ’ untouched"]
+    assert utterances[0].speaker == "Richard's Date"
+    assert not any(0x80 <= ord(c) < 0xa0 for u in utterances for c in u.text + u.speaker)
+
+
+def write_rows(path: Path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def meld_row(n, dialogue, utterance, emotion="joy"):
+    return [n, "some words", "Ross", emotion, "positive", dialogue, utterance, 1, 1, "0", "1"]
+
+
+@pytest.mark.parametrize("case, row, problem", [
+    ("missing column", 1, "missing column(s) Emotion"),
+    ("unknown label", 3, "unknown emotion 'happy'"),
+    ("empty file", 1, "empty file"),
+    ("header only", 2, "no utterances"),
+    ("short row", 3, "fields"),
+    ("dialogue not contiguous", 5, "rows of dialogue 0 are not contiguous"),
+])
+def test_bad_meld_csv_is_one_line_naming_file_row_and_problem(tmp_path, case, row, problem):
+    path = tmp_path / "train_sent_emo.csv"
+    good = [meld_row(1, 0, 0), meld_row(2, 0, 1), meld_row(3, 1, 0)]
+    if case == "missing column":
+        header = [c for c in telme.MELD_COLUMNS if c != "Emotion"]
+        write_rows(path, header, [r[:3] + r[4:] for r in good])
+    elif case == "unknown label":
+        write_rows(path, telme.MELD_COLUMNS, [good[0], meld_row(2, 0, 1, "happy"), good[2]])
+    elif case == "empty file":
+        path.write_text("")
+    elif case == "header only":
+        write_rows(path, telme.MELD_COLUMNS, [])
+    elif case == "short row":
+        write_rows(path, telme.MELD_COLUMNS, [good[0], good[1][:4], good[2]])
+    else:
+        write_rows(path, telme.MELD_COLUMNS, good + [meld_row(4, 0, 2)])
+    write_meld_csv(tmp_path / "dev_sent_emo.csv", FIXTURE_ROWS)
+    with pytest.raises(telme.DataError) as error:
+        telme.read_meld_split(tmp_path, "train")
+    assert str(error.value).startswith(f"{path}:{row}: ") and problem in str(error.value)
+    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit) as stop:  # the command line's form of the same error
+        telme.load_splits(telme.make_config("meld", data_dir=str(tmp_path)))
+    assert str(stop.value) == f"telme: {error.value}"
+
+
+# Tiny encoders shared by the end-to-end tests below (the demo's sizes).
+TINY = dict(epochs=(1, 1, 1), lr=(1e-3,), batch_size=4, max_text_tokens=48, image_size=32,
+            feature_dim=48, max_audio_samples=48000, quiet=True, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    corpus = [" ".join(telme.SYNTH_FILLER + sum(telme.SYNTH_GROUP_WORDS, []))] + [r[4] for r in FIXTURE_ROWS]
+    return telme.write_tiny_models(tmp_path_factory.mktemp("models"), corpus, TINY["feature_dim"],
+                                   TINY["image_size"], 8)
+
+
+def tiny_config(dataset, data_dir, tmp_path, models, **overrides):
+    return telme.make_config(dataset, data_dir=str(data_dir), out=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "cache"), text_model=models["text"],
+                             audio_model=models["audio"], video_model=models["video"],
+                             **{**TINY, **overrides})
+
+
+def test_teacher_trains_on_the_csvs_alone(tmp_path, tiny_models):
+    data = tmp_path / "MELD.Raw"
+    data.mkdir()
+    for split in ("train", "dev"):
+        write_meld_csv(data / telme.MELD_SPLITS[split][0], FIXTURE_ROWS)
+    cfg = tiny_config("meld", data, tmp_path, tiny_models, strict=True)
+    metrics = telme.train(cfg, "teacher")
+    assert list(metrics) == ["teacher"] and metrics["teacher"]["best_epoch"] == 1
+    assert not any((data / folder).exists() for _, folder in telme.MELD_SPLITS.values())
+    assert not (tmp_path / "cache").exists()  # no clip was looked for
+
+
+# --------------------------------------------------------------------------------------------------
+# Faulty media: each fault written here -> a reason, a log line, a count, a missing-modality flag
+# --------------------------------------------------------------------------------------------------
+def tone(seconds, rate, channels, pitch=1000.0):
+    t = np.arange(int(seconds * rate)) / rate
+    return np.stack([(0.1 + 0.05 * c) * np.sin(2 * np.pi * pitch * t) for c in range(channels)]).astype(np.float32)
+
+
+def coloured_frames(count, colour=(200, 40, 40)):
+    return np.broadcast_to(np.array(colour, np.uint8), (count, 48, 64, 3)).copy()
+
+
+def write_fault(path: Path, fault: str):
+    """A clip of 1.5 s (12 frames at 8 fps, stereo 48 kHz) damaged as `fault` says."""
+    if fault == "missing file":
+        return
+    if fault == "zero-byte file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return
+    audio = {"no audio stream": None, "6-channel 48 kHz": tone(1.5, 48000, 6)}.get(fault, tone(1.5, 48000, 2))
+    telme.write_clip(path, coloured_frames(12), 8, audio, 48000)
+    if fault == "truncated mp4":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("fault, audio_reason, video_reason", [
+    ("truncated mp4", "cannot decode", "cannot decode"),
+    ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
+    ("missing file", "file not found", "file not found"),
+    ("no audio stream", "no audio stream", None),
+])
+def test_each_media_fault_gives_its_reason(tmp_path, fault, audio_reason, video_reason):
+    path = tmp_path / "clip.mp4"
+    write_fault(path, fault)
+    with pytest.raises(telme.MediaError, match=audio_reason.replace("(", r"\(").replace(")", r"\)")):
+        telme.decode_audio(str(path), 16000, 400000)
+    if video_reason is None:
+        assert telme.decode_frames(str(path), 8, 16).shape == (8, 16, 16, 3)
+    else:
+        with pytest.raises(telme.MediaError) as error:
+            telme.decode_frames(str(path), 8, 16)
+        assert str(error.value).startswith(video_reason)
+
+
+def test_six_channel_48k_audio_is_mixed_down_to_16k_mono(tmp_path):
+    write_fault(tmp_path / "surround.mp4", "6-channel 48 kHz")
+    waveform = telme.decode_audio(str(tmp_path / "surround.mp4"), 16000, 400000)
+    assert waveform.ndim == 1 and abs(len(waveform) - 24000) <= 1024 // 3  # AAC pads its last frame
+    spectrum = np.abs(np.fft.rfft(waveform))
+    assert abs(np.argmax(spectrum) * 16000 / len(waveform) - 1000) < 2
+
+
+class CountingContainer:
+    """An opened media file that counts the frames decoded from each kind of stream."""
+
+    def __init__(self, container, counts):
+        self.container, self.counts = container, counts
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def decode(self, stream):
+        for frame in self.container.decode(stream):
+            self.counts[stream.type] += 1
+            yield frame
+
+
+def index_frames(count):
+    """Frame k shows k in base 8: three horizontal grey bands of 32 * digit (luma codes accurately)."""
+    frames = np.zeros((count, 48, 64, 3), np.uint8)
+    for k in range(count):
+        for band in range(3):
+            frames[k, 16 * band:16 * (band + 1)] = 32 * (k // 8 ** band % 8)
+    return frames
+
+
+def shown_indices(frames):
+    """The k of index_frames, read back from 16 x 16 frames (each band about 5 rows high)."""
+    digits = [np.round(frames[:, rows].reshape(len(frames), -1).mean(1) / 32)
+              for rows in (slice(1, 4), slice(7, 10), slice(12, 15))]
+    return (digits[0] + 8 * digits[1] + 64 * digits[2]).astype(int)
+
+
+def test_a_forty_second_clip_decodes_only_what_is_used(tmp_path, monkeypatch):
+    count, fps = 404, 10  # 40.4 s: the 8 segment centres fall inside frames, not on their edges
+    expected = [int((i + 0.5) * count / 8) for i in range(8)]
+    telme.write_clip(tmp_path / "long.mp4", index_frames(count), fps, tone(40.4, 48000, 2, 440.0), 48000)
+    telme.write_clip(tmp_path / "long.avi", index_frames(count), fps)  # DivX: a keyframe every 12 frames
+    whole = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 10 ** 9)  # reference: everything
+    counts = {"audio": 0, "video": 0}
+    real_open = telme.open_media
+    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    tail = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 400000)
+    assert len(tail) == 400000 and np.allclose(tail, whole[-400000:], atol=1e-4)
+    aac_frames = 40.4 * 48000 / 1024
+    assert counts["audio"] < 0.7 * aac_frames  # 25 s kept + the seek margin, not 40 s
+    for clip in ("long.mp4", "long.avi"):
+        frames = telme.decode_frames(str(tmp_path / clip), 8, 16)
+        assert list(shown_indices(frames)) == expected, clip
+    # With a keyframe every 12 frames each target costs at most 12 frames, not the whole clip.
+    counts["video"] = 0
+    telme.decode_frames(str(tmp_path / "long.avi"), 8, 16)
+    assert counts["video"] <= 8 * 12 < count
+
+
+def test_a_window_of_a_dialogue_video_is_reached_by_seeking(tmp_path, monkeypatch):
+    count, fps = 400, 10
+    telme.write_clip(tmp_path / "dialogue.avi", index_frames(count), fps)
+    counts = {"audio": 0, "video": 0}
+    real_open = telme.open_media
+    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    start, end = 30.05, 33.25  # frames 300..332
+    frames = telme.decode_frames(str(tmp_path / "dialogue.avi"), 8, 16, start, end)
+    expected = [int((start + (i + 0.5) * (end - start) / 8) * fps) for i in range(8)]
+    assert list(shown_indices(frames)) == expected
+    assert counts["video"] <= (end - start) * fps + 12  # the window and one keyframe interval
+
+
+MELD_FAULTS = ["good", "truncated mp4", "zero-byte file", "missing file", "no audio stream", "6-channel 48 kHz"]
+
+
+@pytest.fixture
+def faulty_meld(tmp_path):
+    data = tmp_path / "MELD.Raw"
+    rows = [(0, u, "Ross" if u % 2 else "Rachel", telme.EMOTIONS["meld"][u], "okay so") for u in range(6)]
+    for split in ("train", "dev"):
+        csv_name, clip_dir = telme.MELD_SPLITS[split]
+        data.mkdir(exist_ok=True)
+        write_meld_csv(data / csv_name, rows)
+        for u, fault in enumerate(MELD_FAULTS):
+            write_fault(data / clip_dir / f"dia0_utt{u}.mp4", fault)
+    return data
+
+
+def test_media_faults_are_logged_counted_and_marked_missing(tmp_path, faulty_meld, capsys):
+    cfg = telme.make_config("meld", data_dir=str(faulty_meld), cache_dir=str(tmp_path / "cache"),
+                            workers=1, quiet=True)
+    splits = telme.load_splits(cfg)
+    for attempt in ("decoding", "cached"):  # faults found earlier are reported again
+        media = telme.prepare_media(cfg, splits)
+        lines = capsys.readouterr().out.splitlines()
+        faults = [line for line in lines if line.startswith("media fault: ")]
+        assert len(faults) == 2 * 4, attempt  # one line per faulty utterance, both splits
+        for u, fault in enumerate(MELD_FAULTS[1:5], start=1):
+            line = [f for f in faults if f"train_splits/dia0_utt{u}.mp4: " in f]
+            assert len(line) == 1
+        assert "file not found (audio and video marked missing)" in "\n".join(faults)
+        assert "no audio stream (audio marked missing)" in "\n".join(faults)
+        assert "14 faults (audio 8, video 6)" in lines[-1]
+    batch = telme.make_collate(cfg)([telme.UtteranceDataset(splits["train"], media=media,
+                                                            kinds=("audio", "video"))[i] for i in range(6)])
+    assert batch["audio_missing"].tolist() == [False, True, True, True, True, False]
+    assert batch["video_missing"].tolist() == [False, True, True, True, False, False]
+    assert batch["audio"][1:5].abs().sum() == 0 and batch["audio"][[0, 5]].abs().sum() > 0
+    assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
+
+
+def test_strict_stops_before_training(tmp_path, faulty_meld, capsys):
+    args = ["train", "--dataset", "meld", "--data-dir", str(faulty_meld), "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--quiet", "--strict"]
+    with pytest.raises(SystemExit) as stop:
+        telme.main(args)
+    assert "14 media faults" in str(stop.value) and "--strict" in str(stop.value)
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+    with pytest.raises(SystemExit):
+        telme.main(["prepare"] + args[1:-6] + args[-5:])
+
+
+def test_training_runs_with_faulty_media_marked_missing(tmp_path, faulty_meld, tiny_models):
+    cfg = tiny_config("meld", faulty_meld, tmp_path, tiny_models, batch_size=3)
+    metrics = telme.train(cfg)
+    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
+
+
+# --------------------------------------------------------------------------------------------------
+# IEMOCAP from its raw release tree and from the official split CSVs
+# --------------------------------------------------------------------------------------------------
+def write_iemocap_dialogue(root: Path, session: str, dialog: str, turns, divx="DivX", extra_lines=()):
+    """turns: (turn suffix, start, end, label, text), written in the given order."""
+    folder = root / session / "dialog"
+    for sub in ("transcriptions", "EmoEvaluation", f"avi/{divx}"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "transcriptions" / f"{dialog}.txt").write_text("".join(
+        f"{dialog}_{t} [{s:08.4f}-{e:08.4f}]: {text}\n" for t, s, e, _, text in turns) + "".join(extra_lines))
+    (folder / "EmoEvaluation" / f"{dialog}.txt").write_text(
+        "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n" + "".join(
+            f"[{s:.4f} - {e:.4f}]\t{dialog}_{t}\t{label}\t[2.5000, 3.0000, 2.0000]\n"
+            f"C-E1:\tNeutral;\t()\nA-E1:\tval 3; act 2; dom  2;\t()\n\n" for t, s, e, label, _ in turns))
+
+
+@pytest.fixture
+def iemocap_fixture(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    write_iemocap_dialogue(root, "Session1", "Ses01F_impro01", [
+        ("F000", 6.2901, 8.2357, "neu", "Excuse me."),
+        ("M000", 8.9, 10.1, "xxx", "Yeah?"),
+        ("M001", 12.0, 14.5, "fru", "Do you have your forms?"),
+        ("F001", 10.5, 11.75, "ang", "Is there a problem?"),  # out of time order in the file
+    ], extra_lines=["Ses01F_impro01_MXX0 [015.0000-016.0000]: [BREATHING]\n", "M: noise\n"])
+    write_iemocap_dialogue(root, "Session1", "Ses01M_impro02", [("M000", 1.0, 2.0, "sad", "Oh.")])
+    write_iemocap_dialogue(root, "Session2", "Ses02F_script01", [("F000", 1.0, 2.0, "exc", "Yes!")], divx="Divx")
+    write_iemocap_dialogue(root, "Session5", "Ses05M_impro03", [("F000", 3.0, 4.5, "hap", "Great.")])
+    return root
+
+
+def test_iemocap_raw_tree_gives_six_classes_speakers_windows_and_sessions(iemocap_fixture):
+    root = iemocap_fixture
+    splits = telme.load_splits(telme.make_config("iemocap", data_dir=str(root)))
+    everything = {u.audio: u for utts in splits.values() for u in utts}
+    wav = root / "Session1" / "sentences" / "wav" / "Ses01F_impro01"
+    avi = str(root / "Session1" / "dialog" / "avi" / "DivX" / "Ses01F_impro01.avi")
+    dialogue = [everything[str(wav / f"Ses01F_impro01_{t}.wav")] for t in ("F000", "F001", "M001")]
+    assert dialogue == [
+        telme.Utterance("Ses01F_impro01", "F", "Excuse me.", 4, avi, str(wav / "Ses01F_impro01_F000.wav"), 6.2901, 8.2357),
+        telme.Utterance("Ses01F_impro01", "F", "Is there a problem?", 0, avi, str(wav / "Ses01F_impro01_F001.wav"), 10.5, 11.75),
+        telme.Utterance("Ses01F_impro01", "M", "Do you have your forms?", 2, avi, str(wav / "Ses01F_impro01_M001.wav"), 12.0, 14.5)]
+    assert len(everything) == 6  # xxx, the unlabelled MXX0 turn and the noise line are not turns
+    assert [u.dialogue for u in splits["test"]] == ["Ses05M_impro03"]
+    assert splits["test"][0].label == telme.EMOTIONS["iemocap"].index("hap")
+    assert splits["test"][0].speaker == "F"  # the turn's letter, not the session's (Ses05M)
+    # Dialogues stay whole and in time order: the teacher's history is the turns before.
+    for utts in splits.values():
+        for group in telme.dialogues(utts):
+            assert [u.start for u in group] == sorted(u.start for u in group)
+    assert splits["train"] and splits["dev"]
+    assert not {u.dialogue for u in splits["train"]} & {u.dialogue for u in splits["dev"]}
+    assert {u.dialogue for u in splits["train"] + splits["dev"]} == {
+        "Ses01F_impro01", "Ses01M_impro02", "Ses02F_script01"}
+    (divx,) = [u for u in everything.values() if u.dialogue == "Ses02F_script01"]
+    assert divx.video == str(root / "Session2" / "dialog" / "avi" / "Divx" / "Ses02F_script01.avi")
+
+
+def test_iemocap_dev_rule_is_twelve_of_120_and_seeded():
+    names = [f"Ses0{s}{g}_impro{k:02d}" for s in range(1, 5) for g in "FM" for k in range(1, 16)]
+    dev = telme.iemocap_dev_dialogues(names)
+    assert len(names) == 120 and len(dev) == 12 and dev <= set(names)
+    assert dev == telme.iemocap_dev_dialogues(list(reversed(names)))  # depends on the names only
+    assert dev != telme.iemocap_dev_dialogues(names[1:] + ["Ses04M_impro99"])
+
+
+def test_iemocap_unknown_label_names_file_and_line(iemocap_fixture):
+    write_iemocap_dialogue(iemocap_fixture, "Session1", "Ses01F_impro01", [("F000", 1.0, 2.0, "angry", "No.")])
+    with pytest.raises(SystemExit) as stop:
+        telme.load_splits(telme.make_config("iemocap", data_dir=str(iemocap_fixture)))
+    path = iemocap_fixture / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    assert str(stop.value) == f"telme: {path}:3: unknown emotion 'angry'"
+
+
+@pytest.fixture(scope="module")
+def iemocap_synth(tmp_path_factory):
+    return telme.synth(tmp_path_factory.mktemp("iemocap") / "IEMOCAP_full_release", "iemocap", dialogues=8, seed=1)
+
+
+def test_synthetic_iemocap_tree_reads_back_as_written(iemocap_synth):
+    root = iemocap_synth
+    splits = telme.load_splits(telme.make_config("iemocap", data_dir=str(root)))
+    # An independent reading of the text files: every turn's label and [start, end].
+    written = {}
+    for path in root.glob("Session*/dialog/EmoEvaluation/*.txt"):
+        for line in path.read_text().splitlines():
+            if line.startswith("["):
+                times, turn, label = line.split("\t")[:3]
+                written[turn] = (label, *map(float, times.strip("[]").split(" - ")))
+    kept = {t: v for t, v in written.items() if v[0] in telme.EMOTIONS["iemocap"]}
+    assert len(kept) < len(written)  # the synthetic tree has turns outside the six classes
+    read = {Path(u.audio).stem: u for utts in splits.values() for u in utts}
+    assert set(read) == set(kept)
+    for turn, u in read.items():
+        label, start, end = kept[turn]
+        assert (telme.EMOTIONS["iemocap"][u.label], u.start, u.end) == (label, start, end)
+        assert u.speaker == turn.split("_")[-1][0] and u.dialogue == turn.rsplit("_", 1)[0]
+        assert Path(u.audio).is_file() and Path(u.video).is_file()
+    development = sorted({u.dialogue for s in ("train", "dev") for u in splits[s]})
+    assert {u.dialogue for u in splits["dev"]} == telme.iemocap_dev_dialogues(development)
+    assert all(d.startswith("Ses05") for d in {u.dialogue for u in splits["test"]})
+    assert not any(d.startswith("Ses05") for d in development)
+    assert any("/Divx/" in u.video for u in read.values()) and any("/DivX/" in u.video for u in read.values())
+    # Each turn's window of the dialogue video shows that turn (coloured), the gap after it grey.
+    u = splits["test"][0]
+    inside = telme.decode_frames(u.video, 8, 16, u.start, u.end).astype(float)
+    gap = telme.decode_frames(u.video, 2, 16, u.end + 0.1, u.end + telme.SYNTH_TURN_GAP - 0.1).astype(float)
+    assert np.abs(gap - 128).mean() < 4
+    assert np.abs(inside[..., 0] - inside[..., 2]).mean() > 40  # red or blue, not grey
+    waveform = telme.decode_audio(u.audio, 16000, 400000)
+    assert abs(len(waveform) / 16000 - (u.end - u.start)) < 0.2
+
+
+def test_official_split_csvs_give_the_same_utterances(iemocap_synth, tmp_path):
+    root = iemocap_synth
+    raw = telme.load_splits(telme.make_config("iemocap", data_dir=str(root)))
+    # The CSVs live beside the tree here (a copy of the folder's layout, linked), the paths written
+    # as the official code has them and the video folder always spelled DivX.
+    data = tmp_path / "IEMOCAP_full_release"
+    data.mkdir()
+    for session in root.iterdir():
+        (data / session.name).symlink_to(session)
+    for split, utts in raw.items():
+        rows = [[u.text, Path(u.audio).stem, u.dialogue, u.start, u.end,
+                 "./dataset/IEMOCAP_full_release/" + str(Path(u.audio).relative_to(root)),
+                 "./dataset/IEMOCAP_full_release/" + str(Path(u.video).relative_to(root)).replace("Divx", "DivX"),
+                 telme.EMOTIONS["iemocap"][u.label]] for u in utts]
+        write_rows(data / f"IEMOCAP_{split}.csv", telme.IEMOCAP_COLUMNS, rows)
+    official = telme.load_splits(telme.make_config("iemocap", data_dir=str(data)))
+    relocated = {split: [telme.dataclasses.replace(u, audio=u.audio.replace(str(root), str(data)),
+                                                   video=u.video.replace(str(root), str(data)))
+                         for u in utts] for split, utts in raw.items()}
+    assert official == relocated
+
+
+def test_iemocap_synth_then_train_runs_end_to_end(iemocap_synth, tmp_path, tiny_models):
+    cfg = tiny_config("iemocap", iemocap_synth, tmp_path, tiny_models)
+    metrics = telme.train(cfg)
+    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
+    assert set(metrics["fusion"]["per_class"]["test"]) == set(telme.EMOTIONS["iemocap"])
