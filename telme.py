@@ -284,6 +284,16 @@ def iemocap_speaker(utterance_id: str) -> str:
     return utterance_id.strip().rsplit("_", 1)[-1][:1]
 
 
+def release_text(path: Path) -> str:
+    """A text file of the IEMOCAP release: UTF-8, or else latin-1 (which decodes any byte), so that
+    a stray accented byte in a transcription cannot stop the reading."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def divx_folder(avi_dir: Path) -> Path:
     """avi/DivX or avi/Divx: the folder's case varies across the release's sessions."""
     for name in ("DivX", "Divx"):
@@ -301,7 +311,7 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
     labels = {}
     # Label lines: `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[2.5000, 2.5000, 2.5000]`;
     # the annotators' lines (C-E1:, A-E1:, ...) and the header start otherwise.
-    for row_number, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for row_number, line in enumerate(release_text(labels_path).splitlines(), start=1):
         parts = line.split("\t")
         if line.startswith("[") and len(parts) >= 3:
             label = parts[2].strip()
@@ -312,7 +322,7 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
     video = str(divx_folder(session_dir / "dialog" / "avi") / f"{dialog}.avi")
     transcript = session_dir / "dialog" / "transcriptions" / f"{dialog}.txt"
     turns = []
-    for line in transcript.read_text(encoding="utf-8").splitlines():
+    for line in release_text(transcript).splitlines():
         match = IEMOCAP_TURN.match(line.strip())
         if match and labels.get(match[1]) in classes:
             turn, start, end, text = match[1], float(match[2]), float(match[3]), match[4].strip()
