@@ -488,13 +488,11 @@ def open_media(path: str):
 
 
 def stream_span(container, stream) -> tuple[float, float]:
-    """(first, last) presentation time of `stream`, in seconds."""
+    """(first, last) presentation time of `stream` in seconds; last is inf when no duration is declared."""
     first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
     if stream.duration:
         return first, first + float(stream.duration * stream.time_base)
-    if container.duration:
-        return first, container.duration / av.time_base
-    raise MediaError(f"{stream.type} stream declares no duration")
+    return first, container.duration / av.time_base if container.duration else math.inf
 
 
 def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
@@ -506,10 +504,12 @@ def decode_audio(path: str, rate: int, max_samples: int, start: float | None = N
                 raise MediaError("no audio stream")
             stream = container.streams.audio[0]
             source_rate = stream.codec_context.sample_rate
+            if not source_rate:
+                raise MediaError("audio stream declares no sample rate")
             first, last = stream_span(container, stream)
             low, high = (first, last) if start is None else (start, end)
             entry = max(low, high - max_samples / rate) - AUDIO_SEEK_MARGIN
-            if entry > first:
+            if first < entry < math.inf:
                 container.seek(int(entry / stream.time_base), stream=stream)
             to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
             chunks, decoded_from = [], None
@@ -532,6 +532,8 @@ def decode_audio(path: str, rate: int, max_samples: int, start: float | None = N
     period = source_rate // math.gcd(source_rate, rate)
     begin += -(round(decoded_from * source_rate) + begin) % period
     waveform = waveform[begin:stop]
+    if not waveform.size:
+        raise MediaError(f"no audio in the window [{start}, {end}] s")
     if not waveform.any():
         raise MediaError("audio is silent (every sample is zero)")
     waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, rate).numpy()
@@ -557,6 +559,8 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
             stream.thread_type = "AUTO"
             first, last = stream_span(container, stream)
             t0, t1 = (first, last) if start is None else (start, end)
+            if t1 == math.inf:
+                raise MediaError("video stream declares no duration")
             frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
             targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
             frames, decoded, shown = [], None, None  # shown: the last decoded frame
