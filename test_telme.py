@@ -412,7 +412,8 @@ def write_fault(path: Path, fault: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
         return
-    audio = {"no audio stream": None, "6-channel 48 kHz": tone(1.5, 48000, 6)}.get(fault, tone(1.5, 48000, 2))
+    audio = {"no audio stream": None, "6-channel 48 kHz": tone(1.5, 48000, 6),
+             "silent audio": np.zeros((2, 72000), np.float32)}.get(fault, tone(1.5, 48000, 2))
     telme.write_clip(path, coloured_frames(12), 8, audio, 48000)
     if fault == "truncated mp4":
         data = path.read_bytes()
@@ -424,6 +425,7 @@ def write_fault(path: Path, fault: str):
     ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
     ("missing file", "file not found", "file not found"),
     ("no audio stream", "no audio stream", None),
+    ("silent audio", "audio is silent", None),
 ])
 def test_each_media_fault_gives_its_reason(tmp_path, fault, audio_reason, video_reason):
     path = tmp_path / "clip.mp4"
