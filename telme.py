@@ -9,7 +9,9 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
     python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
     python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld
-    python telme.py eval    --run runs/meld
+    python telme.py eval    --run runs/meld                       # metrics.json, report.md
+    python telme.py train   --resume runs/meld                    # continue after an interruption
+    python telme.py predict --run runs/meld --video clip.mp4 --text "Oh my God!" --history dialogue.txt
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
 
@@ -20,7 +22,7 @@ Map of the file (paper order):
     3. Distillation ............... dist_loss (response level), feature_kd_loss (feature level)
     4. Shifting fusion ............ ShiftingFusion (ASF)
     5. Training ................... the three phases, each selecting its best epoch on dev
-    6. Evaluation ................. weighted F1, per-class report, metrics.json
+    6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict
     7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
     8. Command line
 """
@@ -39,10 +41,12 @@ import os
 import platform
 import random
 import re
+import struct
 import sys
 import tempfile
 import time
 import wave
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader, Dataset
@@ -685,16 +689,20 @@ def decode_entry(job: tuple) -> tuple[str, str, str | None]:
     """Decode one cache entry and write it atomically; runs in a worker process."""
     kind, path, start, end, base, settings = job
     try:
-        if kind == "audio":
-            array = decode_audio(path, settings["rate"], settings["max_samples"], start, end)
-            array = array.astype(np.float16)
-        else:
-            array = decode_frames(path, settings["num_frames"], settings["size"], start, end)
+        array = decode_media(kind, path, start, end, settings)
         atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
         return kind, path, None
     except MediaError as error:
         atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
         return kind, path, str(error)
+
+
+def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
+    """What the cache holds for one entry (audio as float16, half the disk); predict decodes a new
+    clip through here too, so that it sees exactly what training and eval saw."""
+    if kind == "audio":
+        return decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(np.float16)
+    return decode_frames(path, settings["num_frames"], settings["size"], start, end)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -1025,6 +1033,111 @@ def load_weights(module: nn.Module, path: Path) -> dict:
         return f.metadata() or {}
 
 
+# --- Resuming: a checkpoint after every epoch, replaced by a marker when the phase completes -----
+def checkpoint_path(run: Path, phase: str) -> Path:
+    return run / "checkpoints" / f"{phase}.safetensors"
+
+
+def complete_marker(run: Path, phase: str) -> Path:
+    return run / "checkpoints" / f"{phase}.complete"
+
+
+def phase_complete(run: Path, phase: str) -> bool:
+    return complete_marker(run, phase).is_file()
+
+
+def clear_checkpoints(run: Path, phases) -> None:
+    """A fresh (not resumed) run of these phases forgets any earlier run's progress on them."""
+    for phase in phases:
+        checkpoint_path(run, phase).unlink(missing_ok=True)
+        complete_marker(run, phase).unlink(missing_ok=True)
+
+
+def pack(value, name: str, tensors: dict):
+    """A state (nested dicts, lists, tensors, numbers) as JSON, its tensors moved into `tensors`.
+
+    Every dict becomes {"items": [[key, value], ...]} so that integer keys (optimizer state)
+    survive; {"tensor": name} and {"array": ...} stand for tensors and numpy arrays."""
+    if torch.is_tensor(value):
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {"tensor": name}
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {"items": [[k, pack(v, f"{name}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [pack(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def unpack(value, tensors: dict):
+    if isinstance(value, list):
+        return [unpack(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "array" in value:
+            return np.array(value["array"], dtype=value["dtype"])
+        return {k: unpack(v, tensors) for k, v in value["items"]}
+    return value
+
+
+def rng_states(generator: torch.Generator | None) -> dict:
+    """Every random stream training draws from, the data order's generator included."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": generator.get_state() if generator is not None else None}
+
+
+def set_rng_states(states: dict, generator: torch.Generator | None) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(states["numpy"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if generator is not None:
+        generator.set_state(states["loader"])
+
+
+def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedule, scaler,
+                    generator) -> None:
+    """Everything needed to continue after `epoch` as if never stopped, in one safetensors file
+    (tensors) whose metadata holds the rest as JSON; written atomically."""
+    from safetensors.torch import save
+    tensors = {}
+    state = {"epoch": epoch, "best": best,
+             "model": pack(model.state_dict(), "model", tensors),
+             "optimizer": pack(optimizer.state_dict(), "optimizer", tensors),
+             "schedule": pack(schedule.state_dict(), "schedule", tensors),
+             "scaler": pack(scaler.state_dict(), "scaler", tensors),
+             "rng": pack(rng_states(generator), "rng", tensors)}
+    atomic_write(path, lambda f: f.write(save(tensors, metadata={"telme_checkpoint": json.dumps(state)})))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The state save_checkpoint wrote; a truncated or damaged file stops with a one-line error."""
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            state = json.loads((f.metadata() or {})["telme_checkpoint"])
+        return unpack(state, tensors)
+    except (SafetensorError, KeyError, ValueError) as error:
+        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({error}); delete it to "
+                         "restart this phase from its first epoch") from None
+
+
+def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator) -> tuple[int, dict]:
+    """Load a checkpoint into the training objects; returns (last completed epoch, best so far)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"], generator)
+    return state["epoch"], state["best"]
+
+
 def encoder_dir(run: Path, kind: str) -> Path:
     return run / "encoders" / kind
 
@@ -1100,8 +1213,13 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         optimizer, warmup_then_linear_decay(int(steps * cfg.warmup_epochs), steps * epochs))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     classes = EMOTIONS[cfg.dataset]
-    best = {"dev_wf1": -1.0}
-    for epoch in range(1, epochs + 1):
+    best, done = {"dev_wf1": -1.0}, 0
+    checkpoint = checkpoint_path(run, phase)
+    if checkpoint.is_file():  # an interrupted run of this phase: continue after its last epoch
+        done, best = restore_checkpoint(checkpoint, model, optimizer, schedule, scaler,
+                                        loaders["train"].generator)
+        log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
+    for epoch in range(done + 1, epochs + 1):
         model.train()
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
@@ -1133,7 +1251,13 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         log(line)
         with open(run / "train.log", "a") as f:
             f.write(line + "\n")
+        save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
+                        loaders["train"].generator)
     update_metrics(run, phase, best)
+    # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
+    atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
+        {"epochs": epochs, "best_epoch": best["best_epoch"]}).encode()))
+    checkpoint.unlink(missing_ok=True)
     return best
 
 
@@ -1209,6 +1333,8 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     results = {}
     for kind, phase, name, forward in (("audio", "audio", cfg.audio_model, audio_forward),
                                        ("video", "visual", cfg.video_model, video_forward)):
+        if phase_complete(run, phase):  # done before an interruption (train --resume)
+            continue
         seed_everything(cfg.seed)
         encoder = pretrained_encoder(name, cfg, kind)
         image_stats = image_statistics(name) if kind == "video" else None
@@ -1292,23 +1418,36 @@ def fusion_inputs(outputs: dict) -> dict:
     return {k: outputs[k] for k in ("f_teacher", "f_audio", "f_visual", "label")}
 
 
-def train(cfg: Config, phase: str = "all") -> dict:
-    """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out."""
+# The phases each value of `train --phase` runs.
+PHASE_GROUPS = {"teacher": ("teacher",), "students": ("audio", "visual"), "fusion": ("fusion",),
+                "all": PHASES}
+
+
+def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
+    """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out.
+
+    With `resume`, phases that completed are skipped and an interrupted one continues from its
+    last checkpoint; without it, every phase named starts from scratch."""
     rt = make_runtime(cfg)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    write_run_config(cfg, rt, run)
+    if resume:
+        skipped = [p for p in PHASE_GROUPS[phase] if phase_complete(run, p)]
+        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
+    else:
+        write_run_config(cfg, rt, run)
+        clear_checkpoints(run, PHASE_GROUPS[phase])
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
     if cfg.strict and phase != "teacher":  # media faults stop the run before any phase trains
         prepare_media(cfg, splits)
-    if phase in ("teacher", "all"):
+    if phase in ("teacher", "all") and not phase_complete(run, "teacher"):
         seed_everything(cfg.seed)
         train_teacher(cfg, rt, run, splits)
-    if phase in ("students", "all"):
+    if phase in ("students", "all") and not all(phase_complete(run, p) for p in ("audio", "visual")):
         train_students(cfg, rt, run, splits)
-    if phase in ("fusion", "all"):
+    if phase in ("fusion", "all") and not phase_complete(run, "fusion"):
         train_fusion(cfg, rt, run, splits)
     return json.loads((run / "metrics.json").read_text())
 
@@ -1376,35 +1515,51 @@ def update_metrics(run: Path, phase: str, metrics: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(everything, indent=2).encode()))
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True) -> dict:
-    """Recompute every trained phase's metrics from its saved weights; write metrics.json."""
-    cfg = dataclasses.replace(read_run_config(run), quiet=quiet)
-    rt = make_runtime(cfg)
-    splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
-    classes = EMOTIONS[cfg.dataset]
+def trained_phases(run: Path) -> list[str]:
     trained = [p for p in PHASES if weights_path(run, p).is_file()]
     if not trained:
         raise SystemExit(f"telme: {run} holds no trained phase")
+    return trained
+
+
+def load_fusion(run: Path, cfg: Config, rt: Runtime) -> ShiftingFusion:
+    fusion = ShiftingFusion(cfg.feature_dim, len(EMOTIONS[cfg.dataset]), cfg.heads, cfg.dropout,
+                            cfg.theta, cfg.asf_attention)
+    load_weights(fusion, weights_path(run, "fusion"))
+    return fusion.to(rt.device).eval()
+
+
+def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
+    """For each split, the labels and every trained phase's logits z_<phase>."""
+    trained = trained_phases(run)
     if trained == ["teacher"]:
         teacher, tokenizer = load_teacher(run, cfg, rt)
         outputs = {}
         for s, utts in splits.items():
             dataset = UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
-            outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, quiet, s)[1],
+            outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, cfg.quiet, s)[1],
                           "label": torch.tensor([u.label for u in utts])}
     else:
         outputs = frozen_outputs(cfg, rt, run, splits)
     if "fusion" in trained:
-        fusion = ShiftingFusion(cfg.feature_dim, len(classes), cfg.heads, cfg.dropout, cfg.theta,
-                                cfg.asf_attention)
-        load_weights(fusion, weights_path(run, "fusion"))
-        fusion.to(rt.device)
+        fusion = load_fusion(run, cfg, rt)
         for s, out in outputs.items():
             loader = make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None, shuffle=False)
-            out["z_fusion"] = run_model(fusion, loader, fusion_forward, rt, quiet, s)[1]
+            out["z_fusion"] = run_model(fusion, loader, fusion_forward, rt, cfg.quiet, s)[1]
+    return outputs
+
+
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True) -> dict:
+    """Recompute every trained phase's metrics from its saved weights; write metrics.json and
+    report.md (with confusion.png)."""
+    cfg = dataclasses.replace(read_run_config(run), quiet=quiet)
+    rt = make_runtime(cfg)
+    splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
+    classes = EMOTIONS[cfg.dataset]
+    outputs = eval_outputs(run, cfg, rt, splits)
     results = {}
-    for phase in trained:
+    for phase in trained_phases(run):
         reports = {s: classification_report(out[f"z_{phase}"], out["label"].numpy(), classes)
                    for s, out in outputs.items()}
         with safe_open(weights_path(run, phase), "pt") as f:
@@ -1413,7 +1568,107 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
         update_metrics(run, phase, results[phase])
     if per_class:
         print_per_class(results, classes, split)
+    write_report(run, results, cfg.dataset, split if split in splits else "dev")
     return results
+
+
+# --- report.md: what a reader wants from a run, in one page ----------------------------------------
+# Test weighted F1 the paper reports (SPEC section 1): unimodal rows on MELD, the full model on both.
+PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion": 67.37},
+             "iemocap": {"fusion": 70.48}}
+
+
+def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
+    """RUN/report.md: the per-phase comparison, then per-class scores and the confusion matrix
+    (counts, row-normalised, and RUN/confusion.png) of the final phase on `split`."""
+    classes = EMOTIONS[dataset]
+    final = list(results)[-1]  # the last trained phase: fusion once the run is complete
+    paper = PAPER_WF1.get(dataset, {})
+    lines = [f"# telme report: {run.name}", "",
+             f"Dataset `{dataset}`; weighted F1 x100, each phase at the epoch with the best dev "
+             "weighted F1. Written by `telme.py eval` from the saved weights.", "",
+             "## Phases", "",
+             "| phase | best epoch | dev W-F1 | test W-F1 | paper test W-F1 |",
+             "|---|---|---|---|---|"]
+    for phase, m in results.items():
+        test = f"{m['test_wf1']:.2f}" if m["test_wf1"] is not None else "n/a"
+        reference = f"{paper[phase]:.2f}" if phase in paper else ""
+        lines.append(f"| {phase} | {m['best_epoch']} | {m['dev_wf1']:.2f} | {test} | {reference} |")
+    if paper:
+        lines += ["", f"The paper's figures are on the released {dataset.upper()} test split; "
+                  "they compare with ours only when this run trained on that data."]
+    per_class = results[final]["per_class"][split]
+    lines += ["", f"## {final}, {split} split: per class", "",
+              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} | {r['support']} |"
+              for c, r in per_class.items()]
+    counts = np.array(results[final]["confusion"][split])
+    normalised = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # rows: true classes
+    header = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += ["", f"## {final}, {split} split: confusion matrix (rows true, columns predicted)", "",
+              "Counts:", "", *header]
+    lines += [f"| {c} | " + " | ".join(str(n) for n in row) + " |" for c, row in zip(classes, counts)]
+    lines += ["", "Row-normalised (% of each true class):", "", *header]
+    lines += [f"| {c} | " + " | ".join(f"{100 * x:.1f}" for x in row) + " |"
+              for c, row in zip(classes, normalised)]
+    lines += ["", "![confusion matrix](confusion.png)", "",
+              "In the image, row and column i are class i: "
+              + ", ".join(f"{i} {c}" for i, c in enumerate(classes))
+              + "; the shade is the row-normalised share, the number the count.", ""]
+    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts)))
+    atomic_write(run / "report.md", lambda f: f.write("\n".join(lines).encode()))
+
+
+# A 3x5 pixel font for the digits the confusion-matrix image prints (rows of three bits).
+DIGIT_FONT = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
+              "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
+              "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
+              "9": "111101111001111"}
+PNG_CELL, PNG_SCALE, PNG_MARGIN = 64, 3, 28  # cell and margin in pixels; font magnification
+PNG_LOW, PNG_HIGH = np.array([255, 255, 255]), np.array([8, 48, 107])  # colours of shares 0 and 1
+
+
+def draw_number(image: np.ndarray, text: str, centre_y: int, centre_x: int, colour) -> None:
+    glyph_w, glyph_h = 3 * PNG_SCALE, 5 * PNG_SCALE
+    x = centre_x - (len(text) * (glyph_w + PNG_SCALE) - PNG_SCALE) // 2
+    y = centre_y - glyph_h // 2
+    for char in text:
+        bits = np.array([int(b) for b in DIGIT_FONT[char]], bool).reshape(5, 3)
+        mask = np.kron(bits, np.ones((PNG_SCALE, PNG_SCALE), bool))
+        image[y:y + glyph_h, x:x + glyph_w][mask] = colour
+        x += glyph_w + PNG_SCALE
+
+
+def confusion_png(counts: np.ndarray) -> bytes:
+    """The confusion matrix as a PNG: cell shade = row-normalised share, label = count.
+
+    Written with numpy and zlib alone (no plotting library), so reports cost no dependency."""
+    n = len(counts)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = PNG_MARGIN + n * PNG_CELL
+    image = np.full((size, size, 3), 255, np.uint8)
+    for i in range(n):
+        middle = PNG_MARGIN + i * PNG_CELL + PNG_CELL // 2
+        draw_number(image, str(i), middle, PNG_MARGIN // 2, 0)  # true class, left
+        draw_number(image, str(i), PNG_MARGIN // 2, middle, 0)  # predicted class, top
+        for j in range(n):
+            top, left = PNG_MARGIN + i * PNG_CELL, PNG_MARGIN + j * PNG_CELL
+            shade = PNG_LOW + shares[i, j] * (PNG_HIGH - PNG_LOW)
+            image[top + 1:top + PNG_CELL, left + 1:left + PNG_CELL] = shade.round().astype(np.uint8)
+            draw_number(image, str(int(counts[i, j])), top + PNG_CELL // 2, left + PNG_CELL // 2,
+                        255 if shares[i, j] > 0.5 else 0)
+    return png_bytes(image)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG of an (H, W, 3) uint8 image: signature, IHDR, one IDAT, IEND."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = image.shape
+    rows = b"".join(b"\x00" + row.tobytes() for row in image)  # filter type 0 (none) per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def print_per_class(results: dict, classes: list[str], split: str) -> None:
@@ -1432,6 +1687,89 @@ def print_summary(results: dict) -> None:
     for phase, m in results.items():
         test = f"{m['test_wf1']:9.2f}" if m["test_wf1"] is not None else "      n/a"
         print(f"| {phase:8s} | {m['dev_wf1']:8.2f} | {test} |")
+
+
+# --- Inference: one new utterance, from its clip, its text and the dialogue so far ----------------
+NEW_SPEAKER = "(new speaker)"  # predict's default speaker: someone who has not spoken in the history
+
+
+def read_history(path: Path) -> list[tuple[str, str]]:
+    """A dialogue history file: `Speaker: utterance` lines, blank lines skipped."""
+    if not path.is_file():
+        raise SystemExit(f"telme: {path} not found")
+    turns = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        speaker, colon, text = line.partition(":")
+        if not colon or not speaker.strip() or not text.strip():
+            raise SystemExit(f"telme: {path}:{number}: expected 'Speaker: utterance', got {line.strip()!r}")
+        turns.append((speaker.strip(), text.strip()))
+    return turns
+
+
+def predict(run: Path, text: str, video: str | None = None, audio: str | None = None,
+            history: list[tuple[str, str]] = (), speaker: str = NEW_SPEAKER, device: str = "auto") -> dict:
+    """Every trained phase's class probabilities for one utterance, through the same prompt,
+    decoding and collation as training and eval. A modality that is absent (no file, no stream)
+    goes in as zeros with its missing flag, as an undecodable clip does in training."""
+    cfg = dataclasses.replace(read_run_config(run), device=device, quiet=True)
+    rt = make_runtime(cfg)
+    classes, trained = EMOTIONS[cfg.dataset], trained_phases(run)
+    audio = audio or video  # a clip's own sound unless a separate recording is given
+    item, missing = {"index": 0, "label": 0}, {}
+    if trained != ["teacher"]:
+        settings = MediaCache(cfg).settings
+        for kind, path in (("audio", audio), ("video", video)):
+            if path and not os.path.isfile(path):
+                raise SystemExit(f"telme: {path} not found")
+            try:
+                item[kind] = decode_media(kind, path, None, None, settings[kind]) if path else None
+            except MediaError as error:
+                item[kind] = None
+                missing[kind] = f"{path}: {error}"
+            if not path:
+                missing[kind] = "no file given"
+    teacher, tokenizer = load_teacher(run, cfg, rt)
+    # The history and the new utterance form one dialogue; the prompt is built for its last turn.
+    turns = [*history, (speaker, text)]
+    utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
+    item["input_ids"] = teacher_input_ids(utterances, tokenizer, cfg.max_text_tokens)[-1]
+    image_stats = (image_statistics(str(encoder_dir(run, "video"))) if "visual" in trained
+                   else ((0.45,) * 3, (0.225,) * 3))
+    batch = to_device(make_collate(cfg, tokenizer.pad_token_id, image_stats)([item]), rt.device)
+    features, logits = {}, {}
+    with torch.no_grad():
+        for phase, kind, forward in (("teacher", "text", text_forward), ("audio", "audio", audio_forward),
+                                     ("visual", "video", video_forward)):
+            if phase in trained:
+                model = teacher if phase == "teacher" else load_student(run, kind, cfg, rt)
+                with rt.autocast():
+                    f, z = forward(model, batch)
+                features[phase], logits[phase] = f.float(), z.float()
+        if "fusion" in trained:  # the students' features as eval feeds them: float32
+            inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
+            with rt.autocast():
+                logits["fusion"] = fusion_forward(load_fusion(run, cfg, rt), inputs)[1].float()
+    phases = {}
+    for phase, z in logits.items():
+        p = F.softmax(z[0], dim=-1).cpu()
+        phases[phase] = {"prediction": classes[int(p.argmax())],
+                         "probabilities": {c: float(p[i]) for i, c in enumerate(classes)}}
+    final = trained[-1]  # the fusion once the run is complete
+    return {"model": final, **phases[final], "missing": missing, "phases": phases}
+
+
+def print_prediction(result: dict, all_phases: bool) -> None:
+    shown = list(result["phases"]) if all_phases else [result["model"]]
+    print(f"{result['model']}: {result['prediction']}")
+    for kind, reason in result["missing"].items():
+        print(f"{kind} missing ({reason}): predicted from the other modalities")
+    print("\n| class      | " + " | ".join(f"{p:>7s}" for p in shown) + " |")
+    print("|------------|" + "---------|" * len(shown))
+    for c in result["probabilities"]:
+        print(f"| {c:10s} | " + " | ".join(f"{result['phases'][p]['probabilities'][c]:7.4f}"
+                                           for p in shown) + " |")
 
 
 # ==================================================================================================
@@ -1681,6 +2019,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(getattr(args, "dataset", "meld"), **overrides)
 
 
+# What `train --resume` may change: where things are and how they run, nothing that alters results.
+RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet")
+
+
+def resume_config(args: argparse.Namespace) -> Config:
+    """The interrupted run's own configuration, with only RESUME_OVERRIDES taken from the flags."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    changed = sorted(set(given) - set(RESUME_OVERRIDES))
+    if changed:
+        raise SystemExit(f"telme: --resume continues {args.resume} with its own config.json; "
+                         f"--{changed[0].replace('_', '-')} cannot be changed")
+    return dataclasses.replace(read_run_config(Path(args.resume)), out=args.resume, **given)
+
+
 def stats(cfg: Config) -> dict:
     classes = EMOTIONS[cfg.dataset]
     return {split: {"dialogues": len(dialogues(utts)), "utterances": len(utts),
@@ -1696,11 +2049,27 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
     add_config_flags(train_cmd)
     train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all")
+    train_cmd.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
+                           "completed epoch, with the configuration in RUN/config.json")
     eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
     eval_cmd.add_argument("--run", required=True)
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split whose per-class table is printed")
     eval_cmd.add_argument("--quiet", action="store_true")
+    predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
+                                      "text and dialogue history")
+    predict_cmd.add_argument("--run", required=True, help="a trained run directory")
+    predict_cmd.add_argument("--text", required=True, help="what is said in the utterance")
+    predict_cmd.add_argument("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
+    predict_cmd.add_argument("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
+    predict_cmd.add_argument("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
+    predict_cmd.add_argument("--speaker", default=NEW_SPEAKER,
+                             help="who says it; a name from the history reuses that speaker's token "
+                                  "[default: someone new]")
+    predict_cmd.add_argument("--all-phases", action="store_true",
+                             help="also the teacher's and each student's probabilities")
+    predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
     stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
     stats_cmd.add_argument("--data-dir", required=True)
@@ -1725,8 +2094,19 @@ def main(argv=None) -> None:
     if args.command == "prepare":
         cfg = config_from_args(args)
         prepare_media(cfg, load_splits(cfg))
+    elif args.command == "train" and args.resume:
+        train(resume_config(args), args.phase, resume=True)
     elif args.command == "train":
         train(config_from_args(args), args.phase)
+    elif args.command == "predict":
+        result = predict(Path(args.run), args.text, args.video, args.audio,
+                         read_history(Path(args.history)) if args.history else [], args.speaker, args.device)
+        if not args.all_phases:
+            result["phases"] = {result["model"]: result["phases"][result["model"]]}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_prediction(result, args.all_phases)
     elif args.command == "eval":
         print_summary(evaluate(Path(args.run), args.split, args.quiet))
     elif args.command == "stats":

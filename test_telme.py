@@ -718,3 +718,202 @@ def test_iemocap_synth_then_train_runs_end_to_end(iemocap_synth, tmp_path, tiny_
     metrics = telme.train(cfg)
     assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
     assert set(metrics["fusion"]["per_class"]["test"]) == set(telme.EMOTIONS["iemocap"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Using a run: predict, report.md, resume
+# --------------------------------------------------------------------------------------------------
+def run_predict(capsys, *args):
+    telme.main(["predict", *map(str, args)])
+    return capsys.readouterr().out
+
+
+def test_predict_gives_eval_probabilities_for_the_same_utterance_and_history(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = out / "run"
+    cfg = telme.read_run_config(run)
+    test = telme.load_splits(cfg)["test"]
+    dialogue = telme.dialogues(test)[1]
+    k = 2  # the third utterance: two turns of history
+    (tmp_path / "history.txt").write_text("".join(f"{u.speaker}: {u.text}\n" for u in dialogue[:k]))
+    u = dialogue[k]
+    result = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text,
+                                    "--history", tmp_path / "history.txt", "--speaker", u.speaker,
+                                    "--all-phases", "--json"))
+    outputs = telme.eval_outputs(run, cfg, telme.make_runtime(cfg), {"test": test})["test"]
+    row = test.index(u)
+    assert result["model"] == "fusion" and result["missing"] == {}
+    assert list(result["phases"]) == list(telme.PHASES)
+    for phase in telme.PHASES:
+        expected = F.softmax(outputs[f"z_{phase}"][row], -1)
+        got = torch.tensor(list(result["phases"][phase]["probabilities"].values()))
+        assert torch.allclose(got, expected, atol=1e-4), phase
+        assert result["phases"][phase]["prediction"] == telme.EMOTIONS["meld"][int(expected.argmax())]
+    assert result["prediction"] == result["phases"]["fusion"]["prediction"]
+    # Without the history the teacher's prompt, hence its probabilities, change.
+    alone = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text, "--json"))
+    assert alone["probabilities"] != result["probabilities"]
+
+
+def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = out / "run"
+    text, frames, audio = telme.synth_utterance(3, 7, __import__("random").Random(5))
+    telme.write_clip(tmp_path / "silent.avi", frames, telme.SYNTH_FPS)  # video stream only
+    write_wav(tmp_path / "voice.wav", audio, telme.SYNTH_AUDIO_RATE)
+    table = run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi", "--text", text)
+    assert "audio missing" in table and "no audio stream" in table and "visual" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "class" not in line]
+    assert len(rows) == 7 and abs(sum(float(r.split("|")[2]) for r in rows) - 1) < 1e-3
+    both = json.loads(run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi",
+                                  "--audio", tmp_path / "voice.wav", "--text", text, "--json"))
+    assert both["missing"] == {} and list(both["phases"]) == ["fusion"]
+    text_only = json.loads(run_predict(capsys, "--run", run, "--text", text, "--json"))
+    assert set(text_only["missing"]) == {"audio", "video"}
+    assert text_only["prediction"] in telme.EMOTIONS["meld"]
+    (tmp_path / "bad.txt").write_text("Ross: hi\nno colon here\n")
+    with pytest.raises(SystemExit, match=r"bad.txt:2: expected 'Speaker: utterance'"):
+        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "bad.txt")
+
+
+def markdown_table(lines, first_cell):
+    """The rows (as lists of cells) of the markdown table whose header starts with first_cell."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell}"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_report_numbers_equal_metrics_json(demo_run):
+    from PIL import Image
+    out, _ = demo_run
+    run = out / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    lines = (run / "report.md").read_text().splitlines()
+    phases = markdown_table(lines, "phase")
+    assert [r[0] for r in phases] == list(metrics)
+    for (phase, best_epoch, dev, test, paper), m in zip(phases, metrics.values()):
+        assert (int(best_epoch), dev, test) == (m["best_epoch"], f"{m['dev_wf1']:.2f}", f"{m['test_wf1']:.2f}")
+        assert float(paper) == telme.PAPER_WF1["meld"][phase]  # the demo's layout is MELD's
+    per_class = markdown_table(lines, "class")
+    for name, precision, recall, f1, support in per_class:
+        r = metrics["fusion"]["per_class"]["test"][name]
+        assert (precision, recall, f1, int(support)) == (
+            f"{r['precision']:.2f}", f"{r['recall']:.2f}", f"{r['f1']:.2f}", r["support"])
+    counts = np.array(metrics["fusion"]["confusion"]["test"])
+    tables = [i for i, line in enumerate(lines) if line.startswith("| true")]
+    assert len(tables) == 2
+    assert np.array_equal(np.array([r[1:] for r in markdown_table(lines[tables[0]:], "true")], int), counts)
+    shares = np.array([r[1:] for r in markdown_table(lines[tables[1]:], "true")], float)
+    assert np.allclose(shares, 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1), atol=0.05)
+    # The image: one cell per pair of classes, darker where a larger share of the row falls.
+    image = np.asarray(Image.open(run / "confusion.png").convert("RGB")).astype(int)
+    assert image.shape == (telme.PNG_MARGIN + 7 * telme.PNG_CELL,) * 2 + (3,)
+    brightness = np.array([[image[telme.PNG_MARGIN + i * telme.PNG_CELL + 2,
+                                  telme.PNG_MARGIN + j * telme.PNG_CELL + 2].sum() for j in range(7)]
+                           for i in range(7)]).ravel()
+    exact = (counts / np.maximum(counts.sum(1, keepdims=True), 1)).ravel()
+    assert brightness[exact == 0].min() == 3 * 255  # an empty cell is white
+    for a in range(49):  # a larger share of its row: a darker cell
+        assert np.all(brightness[exact > exact[a] + 1e-9] < brightness[a])
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A few synthetic dialogues and tiny encoders: a whole run of 2 epochs per phase in seconds."""
+    out = tmp_path_factory.mktemp("tiny")
+    data = telme.synth(out / "data", "meld", dialogues=3, seed=7)
+    corpus = [u.text for utts in telme.load_splits(telme.make_config(data_dir=str(data))).values() for u in utts]
+    models = telme.write_tiny_models(out / "models", corpus, telme.DEMO["feature_dim"],
+                                     telme.DEMO["image_size"], 8, seed=7)
+
+    def config(name, **overrides):
+        settings = {**telme.DEMO, "epochs": (2, 2, 2), **overrides}
+        return telme.make_config("meld", data_dir=str(data), out=str(out / name), cache_dir=str(out / "cache"),
+                                 text_model=models["text"], audio_model=models["audio"],
+                                 video_model=models["video"], quiet=True, **settings)
+    return config
+
+
+def interrupt_after(monkeypatch, phase, epoch):
+    """Make training stop (as Ctrl-C would) right after `phase` saved its checkpoint of `epoch`."""
+    save = telme.save_checkpoint
+
+    def save_then_stop(path, done, *args):
+        save(path, done, *args)
+        if (path.stem, done) == (phase, epoch):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(telme, "save_checkpoint", save_then_stop)
+
+
+def test_resume_after_interruptions_ends_with_the_uninterrupted_metrics(tiny_setup, monkeypatch):
+    whole = telme.train(tiny_setup("whole"))
+    cfg = tiny_setup("interrupted")
+    run = Path(cfg.out)
+    interrupt_after(monkeypatch, "teacher", 1)
+    with pytest.raises(KeyboardInterrupt):
+        telme.train(cfg)
+    assert telme.checkpoint_path(run, "teacher").is_file() and not telme.phase_complete(run, "teacher")
+    interrupt_after(monkeypatch, "audio", 1)  # the second run stops in a later phase
+    args = telme.build_parser().parse_args(["train", "--resume", str(run), "--quiet"])
+    with pytest.raises(KeyboardInterrupt):
+        telme.train(telme.resume_config(args), args.phase, resume=True)
+    assert telme.phase_complete(run, "teacher") and not telme.checkpoint_path(run, "teacher").exists()
+    assert telme.checkpoint_path(run, "audio").is_file()
+    monkeypatch.undo()
+    telme.main(["train", "--resume", str(run), "--quiet"])
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed == whole
+    for phase in telme.PHASES:  # and the same selected weights
+        a = telme.load_file(telme.weights_path(Path(tiny_setup("whole").out), phase))
+        b = telme.load_file(telme.weights_path(run, phase))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # What is left is a marker per phase, and every epoch was logged once.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(f"{p}.complete" for p in telme.PHASES)
+    strip_time = lambda log: [line.rsplit(" time ", 1)[0] for line in log.read_text().splitlines()]
+    assert strip_time(run / "train.log") == strip_time(Path(tiny_setup("whole").out) / "train.log")
+
+
+def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, telme.warmup_then_linear_decay(2, 10))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        schedule.step()
+    path = tmp_path / "checkpoints" / "teacher.safetensors"
+    telme.save_checkpoint(path, 2, {"dev_wf1": 50.0, "best_epoch": 2}, model, optimizer, schedule, scaler,
+                          generator)
+    expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), __import__("random").random())
+    other = torch.nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    other_schedule = torch.optim.lr_scheduler.LambdaLR(other_optimizer, telme.warmup_then_linear_decay(2, 10))
+    other_generator = torch.Generator()
+    epoch, best = telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
+    assert (epoch, best) == (2, {"dev_wf1": 50.0, "best_epoch": 2})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_schedule.last_epoch == 3 and other_optimizer.state_dict()["state"][0]["step"] == 3
+    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    again = (torch.rand(3), torch.rand(3, generator=other_generator), np.random.rand(), __import__("random").random())
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(expected, again))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match=r"teacher.safetensors: truncated or damaged checkpoint"):
+        telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
+
+
+def test_resume_keeps_the_run_configuration(tmp_path):
+    telme.write_run_config(telme.make_config("meld", out=str(tmp_path), seed=7), telme.make_runtime(
+        telme.make_config("meld", device="cpu")), tmp_path)
+    parser = telme.build_parser()
+    cfg = telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--device", "cpu"]))
+    assert cfg.seed == 7 and cfg.device == "cpu" and cfg.out == str(tmp_path)
+    with pytest.raises(SystemExit, match="--lr cannot be changed"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
