@@ -55,13 +55,15 @@ import av
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchaudio
 import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -671,8 +673,12 @@ class MediaCache:
         """Decode what is not cached yet, in parallel; returns counts of decoded and failed entries."""
         jobs = self.missing_jobs(utterances, kinds)
         counts = {"cached": len(utterances) * len(kinds) - len(jobs), "decoded": 0, "failed": 0}
+        rank, world = rank_and_world()
+        jobs = jobs[rank::world]  # under torchrun each process decodes its share
         if jobs:
-            workers = min(workers or os.cpu_count() or 1, len(jobs))
+            # Every core by default, shared among the processes torchrun started on this machine.
+            workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            workers = min(workers, len(jobs))
             pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
                                                               initargs=(1,)) if workers > 1 else None)
             results = pool.imap_unordered(decode_entry, jobs, chunksize=4) if pool else map(decode_entry, jobs)
@@ -682,6 +688,9 @@ class MediaCache:
             if pool:
                 pool.close()
                 pool.join()
+        # Every process's counts; gathering also waits until every share is on disk.
+        for kind in ("decoded", "failed"):
+            counts[kind] = sum(gather_objects(counts[kind]))
         return counts
 
 
@@ -972,7 +981,14 @@ def make_runtime(cfg: Config) -> Runtime:
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun, one process per GPU
+    if launched and name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     device = torch.device(name)
+    if launched and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
     return Runtime(device, amp if device.type == "cuda" else None)
 
@@ -983,13 +999,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --- Several processes (torchrun): DistributedDataParallel; rank 0 alone writes and logs ----------
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes; (0, 1) unless launched by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process): what rank 0 wrote is now on disk."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def gather_objects(value) -> list:
+    """`value` of every rank, in rank order (a one-element list in a single process)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def finish_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def log(message: str) -> None:
-    tqdm.write(message, file=sys.stdout)
+    if is_main_process():
+        tqdm.write(message, file=sys.stdout)
 
 
 def progress(iterable, description: str, quiet: bool, **kwargs):
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty(), **kwargs)
+                disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
@@ -1006,10 +1056,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches of cfg.batch_size; under torchrun each process gets its own shard of the dataset
+    (shuffled anew each epoch by fit's set_epoch), so the effective batch is world x batch_size."""
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate,
-                      num_workers=workers, pin_memory=rt.device.type == "cuda", generator=generator,
+    rank, world = rank_and_world()
+    # Training shards are disjoint (drop_last: each epoch leaves out at most world-1 random items);
+    # evaluation shards are padded with repeats to equal length, and run_model drops the repeats.
+    sampler = (DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+               if world > 1 else None)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, collate_fn=collate, num_workers=workers,
+                      pin_memory=rt.device.type == "cuda", generator=generator,
                       persistent_workers=workers > 0)
 
 
@@ -1144,6 +1202,8 @@ def encoder_dir(run: Path, kind: str) -> Path:
 
 def save_encoder_config(run: Path, kind: str, encoder: nn.Module, extra=None) -> None:
     """The encoder's config (and tokenizer or image statistics), so the run rebuilds offline."""
+    if not is_main_process():
+        return
     directory = encoder_dir(run, kind)
     encoder.config.save_pretrained(directory)
     if kind == "text":
@@ -1191,16 +1251,37 @@ def video_forward(model, batch):
 
 @torch.no_grad()
 def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str):
-    """(features, logits) of every item of `loader`, in order, float32 on the CPU."""
+    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU.
+
+    Under torchrun each process runs its shard and every process gets the whole, each item once."""
     model.eval()
-    features, logits = [], []
+    indices, features, logits = [], [], []
     for batch in progress(loader, description, quiet):
         with rt.autocast():
             f, z = forward(model, to_device(batch, rt.device))
+        indices.append(batch["index"])
         if f is not None:
             features.append(f.float().cpu())
         logits.append(z.float().cpu())
-    return (torch.cat(features) if features else None), torch.cat(logits)
+    features, logits = (torch.cat(features) if features else None), torch.cat(logits)
+    if rank_and_world()[1] > 1:
+        features, logits = gather_shards(torch.cat(indices), features, logits, len(loader.dataset))
+    return features, logits
+
+
+def gather_shards(indices: torch.Tensor, features, logits, size: int):
+    """Every rank's (features, logits) placed at their dataset indices; the repeats that pad the
+    last shard land on an index already filled with the same item, so each counts once."""
+    whole = [None if features is None else features.new_zeros(size, features.shape[-1]),
+             logits.new_zeros(size, logits.shape[-1])]
+    seen = torch.zeros(size, dtype=torch.bool)
+    for shard_indices, *shard in gather_objects((indices, features, logits)):
+        seen[shard_indices] = True
+        for target, values in zip(whole, shard):
+            if target is not None:
+                target[shard_indices] = values
+    assert seen.all(), "a distributed evaluation missed items"
+    return tuple(whole)
 
 
 def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: int, lr: float,
@@ -1219,13 +1300,16 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         done, best = restore_checkpoint(checkpoint, model, optimizer, schedule, scaler,
                                         loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
+    trained = data_parallel(model, rt)
     for epoch in range(done + 1, epochs + 1):
         model.train()
+        if isinstance(loaders["train"].sampler, DistributedSampler):
+            loaders["train"].sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
             batch = to_device(batch, rt.device)
             with rt.autocast():
-                loss = loss_fn(model, batch)
+                loss = loss_fn(trained, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # D5: clip the true gradients, not the scaled ones
@@ -1240,12 +1324,17 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                 _, logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")
                 reports[split] = classification_report(logits, dataset_labels(loaders[split].dataset),
                                                        classes)
-        dev_wf1 = reports["dev"]["wf1"]
-        if dev_wf1 > best["dev_wf1"]:
+        dev_wf1 = reports["dev"]["wf1"]  # every rank holds the same (gathered) reports
+        improved = dev_wf1 > best["dev_wf1"]
+        if improved:
             best = phase_metrics(reports, epoch)
+        loss = mean_over_ranks(total_loss).item() / steps
+        if not is_main_process():  # rank 0 alone writes weights, logs and checkpoints
+            continue
+        if improved:
             save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
         test_wf1 = f"{reports['test']['wf1']:6.2f}" if "test" in reports else "   n/a"
-        line = (f"[{phase:7s}] epoch {epoch:2d}/{epochs} loss {total_loss.item() / steps:.4f} "
+        line = (f"[{phase:7s}] epoch {epoch:2d}/{epochs} loss {loss:.4f} "
                 f"dev_wf1 {dev_wf1:6.2f} test_wf1 {test_wf1} best_epoch {best['best_epoch']:2d} "
                 f"lr {schedule.get_last_lr()[0]:.2e} time {time.time() - started:.1f}s")
         log(line)
@@ -1253,12 +1342,32 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             f.write(line + "\n")
         save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
                         loaders["train"].generator)
-    update_metrics(run, phase, best)
-    # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
-    atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
-        {"epochs": epochs, "best_epoch": best["best_epoch"]}).encode()))
-    checkpoint.unlink(missing_ok=True)
+    if is_main_process():
+        update_metrics(run, phase, best)
+        # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
+        atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
+            {"epochs": epochs, "best_epoch": best["best_epoch"]}).encode()))
+        checkpoint.unlink(missing_ok=True)
+    barrier()  # the next phase, on any rank, reads what rank 0 has just written
     return best
+
+
+def data_parallel(model: nn.Module, rt: Runtime) -> nn.Module:
+    """The model wrapped in DistributedDataParallel under torchrun (gradients averaged over the
+    ranks in backward), else the model itself. Unused parameters are allowed: an encoder's pooler
+    and data2vec's mask embedding get no gradient on some steps."""
+    if rank_and_world()[1] == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rank_and_world()[1]
+    return value
 
 
 def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
@@ -1365,7 +1474,7 @@ class FeatureDataset(Dataset):
         return len(self.features["label"])
 
     def __getitem__(self, i):
-        return {k: v[i] for k, v in self.features.items()}
+        return {"index": i, **{k: v[i] for k, v in self.features.items()}}
 
     @property
     def utterance_labels(self):
@@ -1434,9 +1543,10 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     if resume:
         skipped = [p for p in PHASE_GROUPS[phase] if phase_complete(run, p)]
         log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
-    else:
+    elif is_main_process():
         write_run_config(cfg, rt, run)
         clear_checkpoints(run, PHASE_GROUPS[phase])
+    barrier()  # every rank sees the same checkpoints when deciding what to skip
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
@@ -1565,10 +1675,12 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
         with safe_open(weights_path(run, phase), "pt") as f:
             metadata = f.metadata() or {}
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
-        update_metrics(run, phase, results[phase])
-    if per_class:
-        print_per_class(results, classes, split)
-    write_report(run, results, cfg.dataset, split if split in splits else "dev")
+    if is_main_process():
+        for phase, metrics in results.items():
+            update_metrics(run, phase, metrics)
+        if per_class:
+            print_per_class(results, classes, split)
+        write_report(run, results, cfg.dataset, split if split in splits else "dev")
     return results
 
 
@@ -2093,6 +2205,7 @@ def main(argv=None) -> None:
 
     if args.command == "prepare":
         cfg = config_from_args(args)
+        make_runtime(cfg)  # under torchrun: joins the other processes, which share the decoding
         prepare_media(cfg, load_splits(cfg))
     elif args.command == "train" and args.resume:
         train(resume_config(args), args.phase, resume=True)
@@ -2115,6 +2228,7 @@ def main(argv=None) -> None:
         synth(Path(args.out), args.dataset, args.dialogues, args.seed)
     elif args.command == "demo":
         demo(Path(args.out), args.dataset, args.seed, quiet=args.quiet)
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -831,8 +831,8 @@ def tiny_setup(tmp_path_factory):
                                      telme.DEMO["image_size"], 8, seed=7)
 
     def config(name, **overrides):
-        settings = {**telme.DEMO, "epochs": (2, 2, 2), **overrides}
-        return telme.make_config("meld", data_dir=str(data), out=str(out / name), cache_dir=str(out / "cache"),
+        settings = {**telme.DEMO, "epochs": (2, 2, 2), "cache_dir": str(out / "cache"), **overrides}
+        return telme.make_config("meld", data_dir=str(data), out=str(out / name),
                                  text_model=models["text"], audio_model=models["audio"],
                                  video_model=models["video"], quiet=True, **settings)
     return config
@@ -917,3 +917,67 @@ def test_resume_keeps_the_run_configuration(tmp_path):
     assert cfg.seed == 7 and cfg.device == "cpu" and cfg.out == str(tmp_path)
     with pytest.raises(SystemExit, match="--lr cannot be changed"):
         telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes: DistributedDataParallel over gloo on a CPU
+# --------------------------------------------------------------------------------------------------
+def ddp_worker(rank, world, port, cfg, record_dir):
+    """One torchrun-like process: trains every phase, recording the training items it was given
+    and every file it wrote."""
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    seen, written = {}, []
+    fit, atomic_write = telme.fit, telme.atomic_write
+
+    def recording_fit(phase, model, loaders, forward, loss_fn, *args):
+        def recording_loss(m, batch):
+            seen.setdefault(phase, []).extend(batch["index"].tolist())
+            return loss_fn(m, batch)
+        return fit(phase, model, loaders, forward, recording_loss, *args)
+
+    def recording_write(path, write):
+        written.append(str(path))
+        atomic_write(path, write)
+
+    telme.fit, telme.atomic_write = recording_fit, recording_write
+    telme.train(cfg)
+    telme.finish_distributed()
+    (Path(record_dir) / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "written": written}))
+
+
+def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(tiny_setup, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    cfg = tiny_setup("ddp", cache_dir=str(tmp_path / "cache"))  # a cold cache: decoding is shared too
+    splits = telme.load_splits(cfg)
+    # Odd split sizes make the sampler pad a shard with a repeat, which must not be counted twice.
+    assert len(splits["dev"]) % 2 == 1 or len(splits["test"]) % 2 == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    train_size = len(splits["train"])
+    for phase in telme.PHASES:
+        shards = [records[r]["seen"][phase] for r in range(2)]
+        assert len(shards[0]) == len(shards[1]) == 2 * (train_size // 2)  # 2 epochs of half each
+        for epoch in range(2):
+            a, b = (set(s[epoch * (train_size // 2):(epoch + 1) * (train_size // 2)]) for s in shards)
+            assert len(a) == len(b) == train_size // 2 and not a & b
+    run = Path(cfg.out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics) == list(telme.PHASES)
+    for m in metrics.values():
+        for split in ("dev", "test"):
+            assert np.array(m["confusion"][split]).sum() == len(splits[split])
+            assert sum(r["support"] for r in m["per_class"][split].values()) == len(splits[split])
+    # Rank 0 wrote the run directory; rank 1 only its share of the media cache; no file twice.
+    first, second = (set(r["written"]) for r in records)
+    assert not first & second
+    assert second and all(path.startswith(cfg.cache_dir) for path in second)
+    assert any(path.startswith(cfg.cache_dir) for path in first)
+    log = (run / "train.log").read_text().splitlines()
+    assert len(log) == 4 * 2 and len(set(log)) == len(log)
