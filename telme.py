@@ -1164,7 +1164,7 @@ def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedu
     (tensors) whose metadata holds the rest as JSON; written atomically."""
     from safetensors.torch import save
     tensors = {}
-    state = {"epoch": epoch, "best": best,
+    state = {"epoch": epoch, "best": pack(best, "best", tensors),
              "model": pack(model.state_dict(), "model", tensors),
              "optimizer": pack(optimizer.state_dict(), "optimizer", tensors),
              "schedule": pack(schedule.state_dict(), "schedule", tensors),
@@ -1179,7 +1179,7 @@ def load_checkpoint(path: Path) -> dict:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
             state = json.loads((f.metadata() or {})["telme_checkpoint"])
-        return unpack(state, tensors)
+        return {name: unpack(value, tensors) for name, value in state.items()}
     except (SafetensorError, KeyError, ValueError) as error:
         raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({error}); delete it to "
                          "restart this phase from its first epoch") from None
