@@ -12,6 +12,7 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py eval    --run runs/meld                       # metrics.json, report.md
     python telme.py train   --resume runs/meld                    # continue after an interruption
     python telme.py predict --run runs/meld --video clip.mp4 --text "Oh my God!" --history dialogue.txt
+    torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
 
@@ -21,7 +22,8 @@ Map of the file (paper order):
     2. Encoders ................... TextTeacher, AudioStudent, VisualStudent
     3. Distillation ............... dist_loss (response level), feature_kd_loss (feature level)
     4. Shifting fusion ............ ShiftingFusion (ASF)
-    5. Training ................... the three phases, each selecting its best epoch on dev
+    5. Training ................... the three phases, each selecting its best epoch on dev;
+                                    checkpoints for --resume; DistributedDataParallel under torchrun
     6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict
     7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
     8. Command line
@@ -2221,7 +2223,9 @@ def main(argv=None) -> None:
         else:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
-        print_summary(evaluate(Path(args.run), args.split, args.quiet))
+        results = evaluate(Path(args.run), args.split, args.quiet)
+        if is_main_process():
+            print_summary(results)
     elif args.command == "stats":
         print(json.dumps(stats(make_config(args.dataset, data_dir=args.data_dir)), indent=2))
     elif args.command == "synth":
