@@ -4,6 +4,7 @@
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
+#   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
 # Every hyperparameter lives in telme.py's PRESETS; extra arguments are passed to `telme.py train`.
@@ -34,16 +35,52 @@ need_data() {  # need_data NAME DIR FILE-THAT-MUST-EXIST MESSAGE
 
 recipe() {  # recipe DATASET DATA_DIR [train flags]
   local dataset=$1 data=$2; shift 2
-  local out=${TELME_OUT:-runs/$dataset}
+  local out=${TELME_OUT:-runs/$dataset} train=("$PY" telme.py train)
+  # --gpus G for a single run: every phase on G GPUs with DistributedDataParallel (batch 4 per GPU).
+  if [[ -n "$GPUS" && -z "${SEEDS:-}" ]]; then
+    train=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" telme.py train)
+  fi
   # Decode every clip once into the media cache (all cores; ~1.2 MB per clip).
   $PY telme.py prepare --dataset "$dataset" --data-dir "$data" "$@"
   # Phase 1, teacher (text only, opens no media).
-  $PY telme.py train --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"
   # Phase 2, audio then visual student, distilled from the frozen teacher.
-  $PY telme.py train --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@"
   # Phase 3, shifting fusion on the frozen encoders' features.
-  $PY telme.py train --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
   $PY telme.py eval --run "$out"
+}
+
+# --gpus G: with --seeds, the per-seed runs go G at a time, the k-th of a round on GPU k
+# (CUDA_VISIBLE_DEVICES), each logging to a file; the summary waits for all of them.
+GPUS="" GPU_PIDS=() GPU_ARGS=()
+take_gpus() {  # take_gpus ARGS...: sets GPUS from --gpus G and GPU_ARGS to the other arguments
+  while (($#)); do
+    if [[ "$1" == --gpus ]]; then
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus needs a positive count" >&2; exit 2; }
+      GPUS=$2; shift 2
+    else
+      GPU_ARGS+=("$1"); shift
+    fi
+  done
+}
+
+on_gpu() {  # on_gpu LOG COMMAND...: COMMAND now, or under --gpus in the background on a free GPU
+  local log=$1; shift
+  if [[ -z "$GPUS" ]]; then "$@"; return; fi
+  if ((${#GPU_PIDS[@]} == GPUS)); then wait_gpus; fi  # every GPU busy: let this round finish
+  local gpu=${#GPU_PIDS[@]}
+  mkdir -p "$(dirname "$log")"
+  echo "run.sh: GPU $gpu: $* (log: $log)" >&2
+  CUDA_VISIBLE_DEVICES=$gpu "$@" > "$log" 2>&1 &
+  GPU_PIDS+=($!)
+}
+
+wait_gpus() {  # wait for the runs on_gpu started; stop if any failed
+  local pid failed=0
+  for pid in ${GPU_PIDS[@]+"${GPU_PIDS[@]}"}; do wait "$pid" || failed=1; done
+  GPU_PIDS=()
+  ((failed == 0)) || { echo "run.sh: a run on a GPU failed; see its log" >&2; exit 1; }
 }
 
 command=${1:-help}
@@ -64,8 +101,9 @@ case "$command" in
 train/dev/test tarballs inside). Set MELD_DIR (default data/MELD.Raw) to the folder holding
 train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv, train_splits/, dev_splits_complete/
 and output_repeated_splits_test/."
+    take_gpus "$@"
     setup_python
-    recipe meld "$MELD_DIR" "$@"
+    recipe meld "$MELD_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
     ;;
   iemocap)
     IEMOCAP_DIR=${IEMOCAP_DIR:-data/IEMOCAP_full_release}
@@ -73,11 +111,12 @@ and output_repeated_splits_test/."
       "IEMOCAP is licensed on request from https://sail.usc.edu/iemocap/. Set IEMOCAP_DIR (default
 data/IEMOCAP_full_release) to the folder holding Session1/ ... Session5/, each with
 dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wav/."
+    take_gpus "$@"
     setup_python
-    recipe iemocap "$IEMOCAP_DIR" "$@"
+    recipe iemocap "$IEMOCAP_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
     ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac
