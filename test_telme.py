@@ -718,3 +718,175 @@ def test_iemocap_synth_then_train_runs_end_to_end(iemocap_synth, tmp_path, tiny_
     metrics = telme.train(cfg)
     assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
     assert set(metrics["fusion"]["per_class"]["test"]) == set(telme.EMOTIONS["iemocap"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The official code's behaviours D1-D8 (SPEC section 3): each switch changes what it names
+# --------------------------------------------------------------------------------------------------
+def test_compat_official_switches_on_d1_to_d8_and_nothing_by_default():
+    fixed = telme.make_config("meld")
+    assert not any(telme.compat_switches(fixed).values())
+    official = telme.config_from_args(telme.build_parser().parse_args(["train", "--compat", "official"]))
+    assert official.asf_attention == "batch"  # D2
+    assert telme.compat_switches(official) == {f"D{i}": True for i in range(1, 9)}
+    one = telme.make_config("meld", official_frames=True)
+    assert [d for d, on in telme.compat_switches(one).items() if on] == ["D7"]
+    # A saved configuration reads back to the same switches.
+    assert telme.make_config(**telme.dataclasses.asdict(official)) == official
+
+
+def cache_entry(tmp_path, kind, path, **switches):
+    """Decode `path` through the media cache under the given switches; returns (array, cfg)."""
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), num_frames=4, image_size=16,
+                            **switches)
+    media = telme.MediaCache(cfg)
+    u = telme.Utterance(dialogue="0", speaker="a", text="t", label=0, video=str(path), audio=str(path))
+    media.prepare([u], workers=1, quiet=True, kinds=(kind,))
+    return np.asarray(media.load(kind, u), dtype=np.float32), cfg
+
+
+def test_d1_official_audio_rate_shifts_the_pitch(tmp_path):
+    rate = 44100
+    t = np.arange(rate) / rate
+    write_wav(tmp_path / "tone.wav", np.stack([0.5 * np.sin(2 * np.pi * 1000 * t)]), rate)
+    for switch, expected in ((False, 1000.0), (True, 1000.0 * 16000 / 22050)):
+        waveform, cfg = cache_entry(tmp_path, "audio", tmp_path / "tone.wav", official_audio_rate=switch)
+        # The model is told the waveform is cfg.audio_rate (16 kHz) samples per second.
+        peak = np.argmax(np.abs(np.fft.rfft(waveform))) * cfg.audio_rate / len(waveform)
+        assert abs(peak - expected) < 3, (switch, peak, expected)
+
+
+def test_d8_official_long_clips_become_zeros(tmp_path):
+    def clip(name, seconds):
+        rate, fps = 8000, 2
+        frames = np.full((seconds * fps, 32, 32, 3), 200, np.uint8)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * rate) / rate)
+        telme.write_clip(tmp_path / name, frames, fps, np.stack([tone]).astype(np.float32), rate=rate)
+        return tmp_path / name
+    long, short = clip("long.mp4", 31), clip("short.mp4", 2)
+    for kind in ("audio", "video"):
+        assert np.abs(cache_entry(tmp_path, kind, long)[0]).max() > 0.1
+        assert np.abs(cache_entry(tmp_path, kind, long, official_long_clips=True)[0]).max() == 0
+        assert np.abs(cache_entry(tmp_path, kind, short, official_long_clips=True)[0]).max() > 0.1
+
+
+def test_d7_official_frames_are_bgr_with_videomae_statistics():
+    red = np.zeros((2, 4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    items = [{"index": 0, "label": 0, "video": red}]
+    ours_stats = ((0.45,) * 3, (0.225,) * 3)
+    for switch in (False, True):
+        cfg = telme.make_config("meld", num_frames=2, image_size=4, official_frames=switch)
+        video = telme.make_collate(cfg, image_stats=ours_stats)(items)["video"]  # (B, T, 3, S, S)
+        channels = video[0, 0, :, 0, 0]
+        if switch:  # blue first, then ImageNet's mean and std
+            expected = [(0 - 0.485) / 0.229, (0 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+        else:
+            expected = [(1 - 0.45) / 0.225, (0 - 0.45) / 0.225, (0 - 0.45) / 0.225]
+        assert torch.allclose(channels, torch.tensor(expected), atol=1e-5), (switch, channels)
+
+
+def tiny_audio_encoder():
+    """One positional-conv layer: with more, data2vec-audio itself lets padding leak into the
+    frames next to it, so even a masked mean would not be exactly padding-free."""
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+    torch.manual_seed(0)
+    return Data2VecAudioModel(Data2VecAudioConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4), conv_pos_kernel_size=5,
+        num_conv_pos_embeddings=1, num_conv_pos_embedding_groups=2)).eval()
+
+
+def test_d3_official_audio_pooling_depends_on_the_batch_padding():
+    rng = np.random.default_rng(0)
+    short, long = rng.standard_normal(6000).astype(np.float32), rng.standard_normal(16000).astype(np.float32)
+    encoder = tiny_audio_encoder()
+    for switch in (False, True):
+        cfg = telme.make_config("meld", official_audio_pooling=switch)
+        student = telme.build_student("audio", encoder, 7, cfg.official_audio_pooling).eval()
+        collate = telme.make_collate(cfg)
+
+        def pooled(waves):
+            batch = collate([{"index": i, "label": 0, "audio": w} for i, w in enumerate(waves)])
+            with torch.no_grad():
+                return telme.audio_forward(student, batch)[0][0]
+        alone, padded = pooled([short]), pooled([short, long])
+        if switch:
+            assert not torch.allclose(alone, padded, atol=1e-3)
+        else:
+            assert torch.allclose(alone, padded, atol=1e-4)
+
+
+def tiny_fit(tmp_path, **switches):
+    """Ten epochs of a tiny fusion on 40 random samples, batch 4 (10 steps an epoch); the lr per epoch."""
+    torch.manual_seed(0)
+    cfg = telme.make_config("meld", batch_size=4, quiet=True, warmup_epochs=1.0, **switches)
+    rt = telme.Runtime(torch.device("cpu"))
+
+    def features(n):
+        return {"f_teacher": torch.randn(n, 8), "f_audio": torch.randn(n, 8), "f_visual": torch.randn(n, 8),
+                "label": torch.randint(0, 7, (n,))}
+    loaders = {split: telme.make_loader(telme.FeatureDataset(features(n)), cfg, rt, None, shuffle=split == "train")
+               for split, n in (("train", 40), ("dev", 8))}
+    fusion = telme.ShiftingFusion(8, 7, 2, 0.0, 0.1)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(telme.fusion_forward(model, batch)[1], batch["label"])
+    run = tmp_path / ("official" if switches else "ours")
+    run.mkdir()
+    telme.fit("fusion", fusion, loaders, telme.fusion_forward, loss_fn, 10, 1e-3, cfg, rt, run)
+    return [float(line.split(" lr ")[1].split()[0]) for line in (run / "train.log").read_text().splitlines()]
+
+
+def test_d4_official_schedule_counts_samples(tmp_path):
+    ours = tiny_fit(tmp_path)
+    assert ours[0] == pytest.approx(1e-3) and ours[-1] == 0.0  # warm after 1 epoch, 0 at the end
+    official = tiny_fit(tmp_path, official_schedule=True)
+    # Counted in samples: 40 warmup and 400 total steps, of which 100 are taken.
+    assert official[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-2)
+    assert official[-1] == pytest.approx(1e-3 * 300 / 360, rel=1e-2)
+
+
+def test_d5_official_clipping_acts_before_unscaling():
+    true_gradient = torch.tensor([2.0, 0.0, 0.0])  # norm 2, under the threshold 10
+    for switch, expected_step in ((False, 2.0), (True, 10.0 / 1024)):
+        cfg = telme.make_config("meld", official_clipping=switch)
+        w = torch.zeros(3, requires_grad=True)
+        optimizer = torch.optim.SGD([w], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale((w * true_gradient).sum()).backward()
+        telme.clip_and_step(optimizer, scaler, [w], cfg)
+        # Official: the scaled gradient (norm 2048) is clipped to 10, then unscaled by 1024.
+        assert w.detach().norm().item() == pytest.approx(expected_step, rel=1e-4), switch
+
+
+D6_ROWS = FIXTURE_ROWS + [(1, 2, "Monica", "joy", "hello joey"), (2, 0, "Joey", "anger", "go away now")]
+
+
+def test_d6_official_speakers_index_a_dialogue_opener_against_the_previous_list(tmp_path):
+    write_meld_csv(tmp_path / "train_sent_emo.csv", D6_ROWS)
+    utterances = telme.read_meld_split(tmp_path, "train")
+    tokenizer = bert_style_tokenizer()
+    telme.add_speaker_tokens(tokenizer)
+
+    def speaker_tokens(**switches):
+        cfg = telme.make_config("meld", **switches)
+        ids = telme.teacher_input_ids(utterances, tokenizer, 512, telme.prompt_speakers(cfg, utterances))
+        return [[t for t in tokenizer.convert_ids_to_tokens(i) if t in telme.SPEAKER_TOKENS][-1] for i in ids]
+    # Dialogue 0: Ross Rachel Ross; 1: Monica Joey Monica; 2: Joey.
+    assert speaker_tokens() == ["<s1>", "<s2>", "<s1>", "<s1>", "<s2>", "<s1>", "<s1>"]
+    # Official: Monica opens dialogue 1 as the third speaker of dialogue 0's list [Ross, Rachel],
+    # then the list restarts without her: Joey <s1>, Monica again <s2>. Joey opens dialogue 2 as
+    # Joey of dialogue 1's list [Joey, Monica].
+    assert speaker_tokens(official_speakers=True) == ["<s1>", "<s2>", "<s1>", "<s3>", "<s1>", "<s2>", "<s1>"]
+
+
+def test_d6_official_iemocap_speakers_are_utterance_ids():
+    def utterance(dialogue, name, speaker):
+        return telme.Utterance(dialogue=dialogue, speaker=speaker, text="x", label=0, video="v.avi",
+                               audio=f"Session1/sentences/wav/{dialogue}/{name}.wav")
+    utterances = [utterance("Ses01F_impro01", f"Ses01F_impro01_{s}00{i}", s) for i, s in enumerate("FMF")]
+    utterances += [utterance("Ses01F_impro02", f"Ses01F_impro02_{s}00{i}", s) for i, s in enumerate("MF")]
+    assert telme.prompt_speakers(telme.make_config("iemocap"), utterances) is None  # ours: F/M by name
+    official = telme.prompt_speakers(telme.make_config("iemocap", official_speakers=True), utterances)
+    assert official == [0, 1, 2, 3, 0]
