@@ -944,12 +944,17 @@ class VisualStudent(nn.Module):
         return feature, self.classifier(feature)
 
 
-def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
-    """A pretrained encoder by hub name or local directory (the real loading path)."""
+def encoder_config(name: str, cfg: Config, kind: str):
+    """The encoder's Hugging Face config, with the official audio masking span."""
     config = AutoConfig.from_pretrained(name)
     if kind == "audio":
         config.mask_time_length = cfg.mask_time_length
-    encoder = AutoModel.from_pretrained(name, config=config)
+    return config
+
+
+def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
+    """A pretrained encoder by hub name or local directory (the real loading path)."""
+    encoder = AutoModel.from_pretrained(name, config=encoder_config(name, cfg, kind))
     if kind != "text" and encoder.config.hidden_size != cfg.feature_dim:
         raise SystemExit(f"telme: {name} has hidden size {encoder.config.hidden_size}, but "
                          f"--feature-dim is {cfg.feature_dim}; the fusion needs them equal")
@@ -1583,6 +1588,143 @@ def print_summary(results: dict) -> None:
         print(f"| {phase:8s} | {m['dev_wf1']:8.2f} | {test} |")
 
 
+# --- Several seeds: mean and std of each phase ---------------------------------------------------
+def summarize(runs: list[Path], out: Path) -> dict:
+    """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
+    values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
+    if not runs:
+        raise SystemExit("telme: summarize needs at least one run directory")
+    metrics, configs = [], []
+    for run in runs:
+        for name, into in (("metrics.json", metrics), ("config.json", configs)):
+            if not (run / name).is_file():
+                raise SystemExit(f"telme: {run / name} not found; did that run finish?")
+            into.append(json.loads((run / name).read_text()))
+    summary = {"runs": [str(r) for r in runs], "seeds": [c["config"]["seed"] for c in configs],
+               "devices": [c.get("device") for c in configs],
+               # run.sh writes each run's wall-clock seconds (its phases and eval) to wall_clock_s.
+               "wall_clock_s": [float((r / "wall_clock_s").read_text()) if (r / "wall_clock_s").is_file()
+                                else None for r in runs],
+               "phases": {}}
+    for phase in PHASES:
+        found = [m[phase] for m in metrics if phase in m]
+        if not found:
+            continue
+        entry = {"n": len(found), "best_epoch": [m["best_epoch"] for m in found]}
+        for metric in ("dev_wf1", "test_wf1"):
+            values = [m[metric] for m in found if m[metric] is not None]
+            entry[metric] = {"mean": statistics.fmean(values) if values else None,
+                             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        summary["phases"][phase] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print_seed_summary(summary)
+    return summary
+
+
+def print_seed_summary(summary: dict) -> None:
+    def cell(m):
+        return f"{m['mean']:6.2f} ± {m['std']:5.2f}" if m["mean"] is not None else f"{'n/a':>14s}"
+    print(f"\n| {'phase':8s} | {'dev W-F1':14s} | {'test W-F1':14s} | seeds |\n"
+          f"|----------|----------------|----------------|-------|")
+    for phase, m in summary["phases"].items():
+        print(f"| {phase:8s} | {cell(m['dev_wf1'])} | {cell(m['test_wf1'])} | {m['n']:5d} |")
+    clock = [t for t in summary["wall_clock_s"] if t is not None]
+    print(f"seeds {summary['seeds']}; devices {sorted(set(map(str, summary['devices'])))}"
+          + (f"; wall-clock {statistics.fmean(clock) / 60:.1f} min per run" if clock else ""))
+
+
+# --- Official checkpoints as a telme run ----------------------------------------------------------
+# The official code's state-dict file of each phase, inside its save_model/ folder. The fusion
+# file's name is not fixed by the official repository, so it is a flag (--fusion-file).
+OFFICIAL_FILES = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
+                  "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
+# Each official module name -> telme's, per phase. In the fusion the shapes tell them apart (SPEC
+# section 2): W_hav maps [A; F_T] 2304 -> 768 (the gate g), W_av maps A 1536 -> 768 (the shift H),
+# AV_LayerNorm normalises the 1536-wide N', LayerNorm the 768-wide F_T + lam H, W classifies.
+OFFICIAL_MODULES = {
+    "teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
+    "audio": {"model": "encoder", "W": "classifier"},
+    "visual": {"model": "encoder", "W": "classifier"},
+    "fusion": {"multihead_attn": "attention", "AV_LayerNorm": "student_norm", "W_hav": "gate",
+               "W_av": "shift", "LayerNorm": "output_norm", "W": "classifier"},
+}
+
+
+def official_state(path: Path, phase: str) -> dict[str, torch.Tensor]:
+    """An official state dict, its keys renamed to telme's (keys of unknown modules kept as they are)."""
+    if not path.is_file():
+        raise SystemExit(f"telme: {path} not found (the official {phase} weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a zip/pickle, or holding more than tensors (refused unread)
+        raise SystemExit(f"telme: {path}: not a loadable state dict: {error}") from None
+    names = OFFICIAL_MODULES[phase]
+    renamed = {}
+    for key, value in state.items():
+        module, _, rest = key.partition(".")
+        renamed[f"{names[module]}.{rest}" if module in names else key] = value
+    return renamed
+
+
+def load_official(module: nn.Module, state: dict, path: Path, phase: str) -> None:
+    """Put `state` into a module built on the meta device; any missing, unexpected or mis-shaped key
+    is an error that lists them under their official names."""
+    official = {telme: name for name, telme in OFFICIAL_MODULES[phase].items()}
+
+    def name(key: str) -> str:
+        module_name, _, rest = key.partition(".")
+        return f"{official.get(module_name, module_name)}.{rest}"
+    expected = module.state_dict()
+    # Buffers that telme's transformers version does not save (position ids) may be in older files.
+    unsaved = {n for n, _ in module.named_buffers()} - set(expected)
+    missing = sorted(name(k) for k in set(expected) - set(state))
+    unexpected = sorted(name(k) for k in set(state) - set(expected) - unsaved)
+    shapes = sorted(f"{name(k)} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    problems = [f"{what}: {', '.join(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+                if keys]
+    if problems:
+        raise SystemExit(f"telme: {path}: does not fit telme's {phase} model; " + "; ".join(problems))
+    module.load_state_dict({k: state[k] for k in expected}, assign=True)
+
+
+def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FILES["fusion"]) -> Path:
+    """The official code's saved weights as a telme run directory (weights, encoder configs,
+    tokenizer, config.json), so that `eval --run` reproduces the official inference."""
+    # The official fusion attends across the batch (D2): its attention weights only fit that scope.
+    cfg = dataclasses.replace(cfg, asf_attention="batch")
+    files = {phase: directory / name for phase, name in OFFICIAL_FILES.items()}
+    files["fusion"] = directory / fusion_file
+    states = {phase: official_state(path, phase) for phase, path in files.items()}
+    classes = len(EMOTIONS[cfg.dataset])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
+    add_speaker_tokens(tokenizer)
+    text_config = encoder_config(cfg.text_model, cfg, "text")
+    text_config.vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
+    with torch.device("meta"):  # shapes only, no memory: every weight comes from the files
+        encoders = {"text": AutoModel.from_config(text_config),
+                    "audio": AutoModel.from_config(encoder_config(cfg.audio_model, cfg, "audio")),
+                    "video": AutoModel.from_config(encoder_config(cfg.video_model, cfg, "video"))}
+        models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
+                  "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
+                  "visual": build_student("video", encoders["video"], classes),
+                  "fusion": ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
+                                           cfg.asf_attention)}
+    for phase, model in models.items():
+        load_official(model, states[phase], files[phase], phase)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, make_runtime(cfg), run)
+    save_encoder_config(run, "text", encoders["text"], tokenizer)
+    save_encoder_config(run, "audio", encoders["audio"])
+    save_encoder_config(run, "video", encoders["video"], image_statistics(cfg.video_model))
+    for phase, model in models.items():  # best_epoch 0: not selected by telme
+        save_weights(model, weights_path(run, phase), best_epoch=0, imported_from=files[phase])
+    return run
+
+
 # ==================================================================================================
 # 7. Synthetic data and the offline demo
 # ==================================================================================================
@@ -1860,6 +2002,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
                                 "dialogues (Session 5: a quarter)")
     synth_cmd.add_argument("--seed", type=int, default=0)
+    summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
+    summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
+    summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
+    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a "
+                                     "run directory for eval (compat official unless --compat none)")
+    add_config_flags(import_cmd)
+    import_cmd.add_argument("--dir", required=True, help="the official save_model/ folder")
+    import_cmd.add_argument("--fusion-file", default=OFFICIAL_FILES["fusion"],
+                            help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
     demo_cmd.add_argument("--out", default="runs/demo")
     demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
@@ -1884,6 +2035,14 @@ def main(argv=None) -> None:
         synth(Path(args.out), args.dataset, args.dialogues, args.seed)
     elif args.command == "demo":
         demo(Path(args.out), args.dataset, args.seed, quiet=args.quiet)
+    elif args.command == "summarize":
+        summarize([Path(r) for r in args.runs], Path(args.out))
+    elif args.command == "import-official":
+        # The official weights were trained with D1-D8, so their inference needs them too.
+        args.compat = getattr(args, "compat", "official")
+        args.out = getattr(args, "out", f"runs/{getattr(args, 'dataset', 'meld')}-official")
+        run = import_official(config_from_args(args), Path(args.dir), args.fusion_file)
+        log(f"telme: imported {args.dir} into {run}; evaluate it with: python telme.py eval --run {run}")
 
 
 if __name__ == "__main__":

@@ -890,3 +890,197 @@ def test_d6_official_iemocap_speakers_are_utterance_ids():
     assert telme.prompt_speakers(telme.make_config("iemocap"), utterances) is None  # ours: F/M by name
     official = telme.prompt_speakers(telme.make_config("iemocap", official_speakers=True), utterances)
     assert official == [0, 1, 2, 3, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Official checkpoints
+# --------------------------------------------------------------------------------------------------
+# telme's module names -> the official code's, written out independently of telme.OFFICIAL_MODULES.
+TO_OFFICIAL = {
+    "teacher": [("encoder.", "text_model."), ("project.", "W."), ("classifier.", "classifier.")],
+    "audio": [("encoder.", "model."), ("classifier.", "W.")],
+    "visual": [("encoder.", "model."), ("classifier.", "W.")],
+    "fusion": [("attention.", "multihead_attn."), ("student_norm.", "AV_LayerNorm."), ("gate.", "W_hav."),
+               ("shift.", "W_av."), ("output_norm.", "LayerNorm."), ("classifier.", "W.")],
+}
+OFFICIAL_LAYOUT = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
+                   "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
+
+
+def write_official_checkpoint(directory: Path, states: dict) -> None:
+    """telme state dicts saved under the official file names and key names (a key of no known
+    module kept as it is)."""
+    for phase, state in states.items():
+        renamed = {}
+        for key, value in state.items():
+            prefix = next((p for p in TO_OFFICIAL[phase] if key.startswith(p[0])), ("", ""))
+            renamed[prefix[1] + key[len(prefix[0]):]] = value
+        (directory / OFFICIAL_LAYOUT[phase]).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(renamed, directory / OFFICIAL_LAYOUT[phase])
+
+
+def import_args(demo_out: Path, official: Path, run: Path, *extra):
+    models = demo_out / "models"
+    return ["import-official", "--dir", str(official), "--dataset", "meld", "--out", str(run),
+            "--text-model", str(models / "text"), "--audio-model", str(models / "audio"),
+            "--video-model", str(models / "video"), "--data-dir", str(demo_out / "data"),
+            "--cache-dir", str(demo_out / "cache"), "--quiet", "--feature-dim", "48", "--image-size", "32",
+            "--max-text-tokens", "48", "--max-audio-samples", "48000", "--batch-size", "8", *extra]
+
+
+def test_import_official_gives_the_logits_of_the_same_weights_in_telme(demo_run, tmp_path):
+    out, _ = demo_run
+    from safetensors.torch import load_file
+    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    torch.manual_seed(5)
+    fusion = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").eval()  # the official scope (D2)
+    states["fusion"] = fusion.state_dict()
+    write_official_checkpoint(tmp_path / "save_model", states)
+    run = tmp_path / "imported"
+    telme.main(import_args(out, tmp_path / "save_model", run, "--compat", "none"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["official_behaviours"]["D2"] and not config["official_behaviours"]["D1"]
+
+    reference_cfg = telme.read_run_config(out / "run")
+    imported_cfg = telme.read_run_config(run)
+    rt = telme.Runtime(torch.device("cpu"))
+    splits = {s: u for s, u in telme.load_splits(reference_cfg).items() if s in ("dev", "test")}
+    reference = telme.frozen_outputs(reference_cfg, rt, out / "run", splits)
+    imported = telme.frozen_outputs(imported_cfg, rt, run, splits)
+    loaded = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch")
+    telme.load_weights(loaded, telme.weights_path(run, "fusion"))
+    for split in splits:
+        for name, value in reference[split].items():
+            assert torch.equal(value, imported[split][name]), (split, name)
+        with torch.no_grad():  # the whole split as one batch both times: D2 mixes batch mates
+            args = [imported[split][f"f_{p}"] for p in ("teacher", "audio", "visual")]
+            assert torch.equal(loaded.eval()(*args), fusion(*args))
+    # eval runs on the imported directory and scores every phase.
+    results = telme.evaluate(run, quiet=True)
+    assert list(results) == list(telme.PHASES)
+    for phase in ("teacher", "audio", "visual"):
+        assert results[phase]["test_wf1"] == pytest.approx(
+            telme.classification_report(reference["test"][f"z_{phase}"], reference["test"]["label"].numpy(),
+                                        telme.EMOTIONS["meld"])["wf1"])
+
+
+def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
+    out, _ = demo_run
+    from safetensors.torch import load_file
+    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").state_dict()
+    write_official_checkpoint(tmp_path / "good", states)
+    telme.main(import_args(out, tmp_path / "good", tmp_path / "run"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["compat"] == "official"
+    assert config["official_behaviours"] == {f"D{i}": True for i in range(1, 9)}
+    for phase in telme.PHASES:
+        assert (tmp_path / "run" / f"{phase}.safetensors").is_file()
+    # A missing and an unexpected key, both named as the official code names them.
+    del states["teacher"]["classifier.bias"]
+    states["teacher"]["pooler.dense.weight"] = torch.zeros(2)
+    write_official_checkpoint(tmp_path / "bad", states)
+    with pytest.raises(SystemExit, match=r"missing keys: classifier\.bias; unexpected keys: pooler\.dense\.weight"):
+        telme.main(import_args(out, tmp_path / "bad", tmp_path / "bad_run"))
+    assert not (tmp_path / "bad_run").exists()
+    # A fusion whose attention is per modality (768 wide) does not fit the official one.
+    states = {p: s for p, s in states.items() if p != "teacher"}
+    states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "modality").state_dict()
+    write_official_checkpoint(tmp_path / "good", {"fusion": states["fusion"]})
+    with pytest.raises(SystemExit, match=r"shape mismatches: multihead_attn\.in_proj_bias \(144,\) \(expected \(288,\)\)"):
+        telme.main(import_args(out, tmp_path / "good", tmp_path / "bad_run"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several seeds, the run.sh driver, the Docker image
+# --------------------------------------------------------------------------------------------------
+def fake_run(path: Path, seed: int, wf1: dict, seconds=None) -> Path:
+    """A run directory holding only what summarize reads."""
+    path.mkdir(parents=True)
+    metrics = {phase: {"dev_wf1": dev, "test_wf1": test, "best_epoch": 1, "per_class": {}, "confusion": {}}
+               for phase, (dev, test) in wf1.items()}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    (path / "config.json").write_text(json.dumps({"config": {"seed": seed}, "device": "NVIDIA H100"}))
+    if seconds is not None:
+        (path / "wall_clock_s").write_text(str(seconds))
+    return path
+
+
+def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "seed42", 42, {"teacher": (60, 61), "fusion": (66, 67)}, 100),
+            fake_run(tmp_path / "seed43", 43, {"teacher": (62, 63), "fusion": (68, 65)}, 300),
+            fake_run(tmp_path / "seed44", 44, {"teacher": (64, 65), "fusion": (67, 69)})]
+    telme.main(["summarize", "--out", str(tmp_path), *map(str, runs)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43, 44] and summary["wall_clock_s"] == [100.0, 300.0, None]
+    assert list(summary["phases"]) == ["teacher", "fusion"]
+    teacher = summary["phases"]["teacher"]
+    assert teacher["n"] == 3 and teacher["dev_wf1"]["mean"] == pytest.approx(62.0)
+    assert teacher["dev_wf1"]["std"] == pytest.approx(2.0)  # sample std of 60, 62, 64
+    fusion = summary["phases"]["fusion"]["test_wf1"]
+    assert fusion["values"] == [67, 65, 69] and fusion["std"] == pytest.approx(2.0)
+    table = capsys.readouterr().out
+    assert "| fusion   |  67.00 ±  1.00 |  67.00 ±  2.00 |     3 |" in table
+    assert "3.3 min per run" in table
+    with pytest.raises(SystemExit, match="metrics.json not found"):
+        telme.summarize([tmp_path / "seed45"], tmp_path)
+
+
+def test_summarize_a_real_run(demo_run, tmp_path):
+    out, results = demo_run
+    summary = telme.summarize([out / "run"], tmp_path)
+    assert summary["phases"]["fusion"]["test_wf1"]["mean"] == pytest.approx(results["fusion"]["test_wf1"])
+    assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
+
+
+def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
+    """run.sh with a stand-in python that records each telme.py command it is given."""
+    import subprocess
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncommand=$2\n'  # then make the --out folder
+                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2/$([[ $command == demo ]] && echo run)"; '
+                    'shift; done\n')
+    fake.chmod(0o755)
+    (tmp_path / "meld" / "train_sent_emo.csv").parent.mkdir()
+    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
+           "TELME_OUT": str(tmp_path / "runs")}
+    script = Path(telme.__file__).parent / "run.sh"
+    subprocess.run(["bash", str(script), "meld", "--seeds", "2", "--lr", "1e-5"], env=env, check=True)
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("telme.py prepare --dataset meld") and calls[0].endswith("--lr 1e-5")
+    runs = tmp_path / "runs"
+    for seed in (42, 43):
+        assert sum(f"--out {runs}/seed{seed} " in c and c.endswith(f"--seed {seed}") and "--lr 1e-5" in c
+                   for c in calls) == 3  # teacher, students, fusion
+        assert f"telme.py eval --run {runs}/seed{seed}" in calls
+        assert (runs / f"seed{seed}" / "wall_clock_s").read_text().strip().isdigit()
+    assert calls[-1] == f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"
+    log.unlink()
+    subprocess.run(["bash", str(script), "demo", "iemocap", "--seeds", "2"], env=env, check=True)
+    assert log.read_text().splitlines() == [
+        f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42",
+        f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43",
+        f"telme.py summarize --out {runs} {runs}/seed42/run {runs}/seed43/run"]
+
+
+def test_dockerfile_pins_the_torch_of_requirements_and_installs_them():
+    here = Path(telme.__file__).parent
+    dockerfile = (here / "Dockerfile").read_text()
+    pins = dict(line.split("==") for line in (here / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    base = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert len(base) == 1 and base[0].startswith(f"pytorch/pytorch:{pins['torch']}-cuda")
+    assert base[0].endswith("-runtime")
+    assert "pip install --no-cache-dir -r requirements.txt" in dockerfile
+    assert 'ENTRYPOINT ["bash", "run.sh"]' in dockerfile
+    user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert user and not user[-1].startswith(("root", "0"))
+    # Nothing trained or downloaded at build time: no RUN line starts telme.
+    assert not any("telme.py" in line or "run.sh" in line for line in dockerfile.splitlines()
+                   if line.startswith("RUN "))
+    for env in ("TELME_PYTHON=", "MELD_DIR=/data/MELD.Raw", "IEMOCAP_DIR=/data/IEMOCAP_full_release"):
+        assert env in dockerfile
+    ignored = (here / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs", "data"} <= set(ignored)
