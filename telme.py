@@ -138,7 +138,7 @@ class Config:
     official_schedule: bool = False
     """D4: warmup and decay lengths counted in samples, not optimiser steps (official code)"""
     official_clipping: bool = False
-    """D5: under fp16 autocast, clip the scaled gradients before unscaling them (official code)"""
+    """D5: under --amp fp16 (set by --compat official), clip scaled gradients before unscaling (official code)"""
     official_speakers: bool = False
     """D6: speaker indices as the official preprocessing gives them (official_speaker_indices)"""
     official_frames: bool = False
@@ -188,6 +188,7 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
     if cfg.compat == "official":  # D1-D8 together; without it each switch keeps its own value
         cfg.asf_attention = "batch"  # D2
+        cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
         for name in OFFICIAL_SWITCHES.values():
             setattr(cfg, name, True)
     return cfg

@@ -727,7 +727,7 @@ def test_compat_official_switches_on_d1_to_d8_and_nothing_by_default():
     fixed = telme.make_config("meld")
     assert not any(telme.compat_switches(fixed).values())
     official = telme.config_from_args(telme.build_parser().parse_args(["train", "--compat", "official"]))
-    assert official.asf_attention == "batch"  # D2
+    assert official.asf_attention == "batch" and official.amp == "fp16"  # D2; D5 needs the scaler
     assert telme.compat_switches(official) == {f"D{i}": True for i in range(1, 9)}
     one = telme.make_config("meld", official_frames=True)
     assert [d for d, on in telme.compat_switches(one).items() if on] == ["D7"]
@@ -826,7 +826,8 @@ def tiny_fit(tmp_path, **switches):
     def features(n):
         return {"f_teacher": torch.randn(n, 8), "f_audio": torch.randn(n, 8), "f_visual": torch.randn(n, 8),
                 "label": torch.randint(0, 7, (n,))}
-    loaders = {split: telme.make_loader(telme.FeatureDataset(features(n)), cfg, rt, None, shuffle=split == "train")
+    loaders = {split: telme.make_loader(telme.FeatureDataset(features(n)), cfg, rt, None,
+                                        shuffle=split == "train")
                for split, n in (("train", 40), ("dev", 8))}
     fusion = telme.ShiftingFusion(8, 7, 2, 0.0, 0.1)
 
@@ -980,14 +981,16 @@ def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
     del states["teacher"]["classifier.bias"]
     states["teacher"]["pooler.dense.weight"] = torch.zeros(2)
     write_official_checkpoint(tmp_path / "bad", states)
-    with pytest.raises(SystemExit, match=r"missing keys: classifier\.bias; unexpected keys: pooler\.dense\.weight"):
+    bad_keys = r"missing keys: classifier\.bias; unexpected keys: pooler\.dense\.weight"
+    with pytest.raises(SystemExit, match=bad_keys):
         telme.main(import_args(out, tmp_path / "bad", tmp_path / "bad_run"))
     assert not (tmp_path / "bad_run").exists()
     # A fusion whose attention is per modality (768 wide) does not fit the official one.
     states = {p: s for p, s in states.items() if p != "teacher"}
     states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "modality").state_dict()
     write_official_checkpoint(tmp_path / "good", {"fusion": states["fusion"]})
-    with pytest.raises(SystemExit, match=r"shape mismatches: multihead_attn\.in_proj_bias \(144,\) \(expected \(288,\)\)"):
+    bad_shape = r"shape mismatches: multihead_attn\.in_proj_bias \(144,\) \(expected \(288,\)\)"
+    with pytest.raises(SystemExit, match=bad_shape):
         telme.main(import_args(out, tmp_path / "good", tmp_path / "bad_run"))
 
 
