@@ -4,6 +4,8 @@
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
+#   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
+#   runs/DATASET/summary.json and a table of mean ± std per phase
 #   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
@@ -33,7 +35,7 @@ need_data() {  # need_data NAME DIR FILE-THAT-MUST-EXIST MESSAGE
   fi
 }
 
-recipe() {  # recipe DATASET DATA_DIR [train flags]
+recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (--seeds N)
   local dataset=$1 data=$2; shift 2
   local out=${TELME_OUT:-runs/$dataset} train=("$PY" telme.py train)
   # --gpus G for a single run: every phase on G GPUs with DistributedDataParallel (batch 4 per GPU).
@@ -42,6 +44,18 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]
   fi
   # Decode every clip once into the media cache (all cores; ~1.2 MB per clip).
   $PY telme.py prepare --dataset "$dataset" --data-dir "$data" "$@"
+  if [[ -z "$SEEDS" ]]; then phases "$dataset" "$data" "$out" "$@"; return; fi
+  local runs=() seed
+  for ((seed = FIRST_SEED; seed < FIRST_SEED + SEEDS; seed++)); do
+    on_gpu "$out/seed$seed.log" phases "$dataset" "$data" "$out/seed$seed" "$@" --seed "$seed"
+    runs+=("$out/seed$seed")
+  done
+  wait_gpus
+  $PY telme.py summarize --out "$out" "${runs[@]}"
+}
+
+phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval, wall-clock
+  local dataset=$1 data=$2 out=$3 started=$SECONDS; shift 3
   # Phase 1, teacher (text only, opens no media).
   "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"
   # Phase 2, audio then visual student, distilled from the frozen teacher.
@@ -49,6 +63,33 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]
   # Phase 3, shifting fusion on the frozen encoders' features.
   "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
   $PY telme.py eval --run "$out"
+  echo "$((SECONDS - started))" > "$out/wall_clock_s.tmp" && mv "$out/wall_clock_s.tmp" "$out/wall_clock_s"
+}
+
+demo() {  # demo [meld|iemocap]: one demo, or one per seed (--seeds N) and their summary
+  local dataset=${1:-meld} out=${TELME_OUT:-runs/demo}
+  if [[ -z "$SEEDS" ]]; then $PY telme.py demo --dataset "$dataset" --out "$out"; return; fi
+  local runs=() seed started
+  for ((seed = FIRST_SEED; seed < FIRST_SEED + SEEDS; seed++)); do
+    started=$SECONDS
+    $PY telme.py demo --dataset "$dataset" --out "$out/seed$seed" --seed "$seed"
+    echo "$((SECONDS - started))" > "$out/seed$seed/run/wall_clock_s"
+    runs+=("$out/seed$seed/run")
+  done
+  $PY telme.py summarize --out "$out" "${runs[@]}"
+}
+
+# --seeds N (demo, meld, iemocap): N runs with seeds FIRST_SEED.. (the official seed is 42).
+SEEDS="" FIRST_SEED=42 ARGS=()
+take_seeds() {
+  while (($#)); do
+    if [[ "$1" == --seeds ]]; then
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --seeds needs a positive count" >&2; exit 2; }
+      SEEDS=$2; shift 2
+    else
+      ARGS+=("$1"); shift
+    fi
+  done
 }
 
 # --gpus G: with --seeds, the per-seed runs go G at a time, the k-th of a round on GPU k
@@ -87,8 +128,9 @@ command=${1:-help}
 shift || true
 case "$command" in
   demo)
+    take_seeds "$@"
     setup_python
-    $PY telme.py demo --dataset "${1:-meld}" --out "${TELME_OUT:-runs/demo}"
+    demo ${ARGS[@]+"${ARGS[@]}"}
     ;;
   test)
     setup_python
@@ -101,7 +143,8 @@ case "$command" in
 train/dev/test tarballs inside). Set MELD_DIR (default data/MELD.Raw) to the folder holding
 train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv, train_splits/, dev_splits_complete/
 and output_repeated_splits_test/."
-    take_gpus "$@"
+    take_seeds "$@"
+    take_gpus ${ARGS[@]+"${ARGS[@]}"}
     setup_python
     recipe meld "$MELD_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
     ;;
@@ -111,12 +154,13 @@ and output_repeated_splits_test/."
       "IEMOCAP is licensed on request from https://sail.usc.edu/iemocap/. Set IEMOCAP_DIR (default
 data/IEMOCAP_full_release) to the folder holding Session1/ ... Session5/, each with
 dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wav/."
-    take_gpus "$@"
+    take_seeds "$@"
+    take_gpus ${ARGS[@]+"${ARGS[@]}"}
     setup_python
     recipe iemocap "$IEMOCAP_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
     ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac

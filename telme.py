@@ -43,7 +43,9 @@ import os
 import platform
 import random
 import re
+import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,6 +137,22 @@ class Config:
     """linear warmup length in epochs, then linear decay to 0 (official code)"""
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
+    compat: str = "none"
+    """none: telme's fixes; official: the official code's behaviour D1-D8 (SPEC section 3), all switched on"""
+    official_audio_rate: bool = False
+    """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
+    official_audio_pooling: bool = False
+    """D3: audio left-padded without attention mask, F_A = frame 0 (official code)"""
+    official_schedule: bool = False
+    """D4: warmup and decay lengths counted in samples, not optimiser steps (official code)"""
+    official_clipping: bool = False
+    """D5: under --amp fp16 (set by --compat official), clip scaled gradients before unscaling (official code)"""
+    official_speakers: bool = False
+    """D6: speaker indices as the official preprocessing gives them (official_speaker_indices)"""
+    official_frames: bool = False
+    """D7: frames in BGR order, normalised with VideoMAE's (ImageNet) statistics (official code)"""
+    official_long_clips: bool = False
+    """D8: clips longer than 30 s replaced by zeros (official MELD code)"""
     workers: int = 0
     """processes decoding media in prepare; 0 means every core"""
     loader_workers: int = -1
@@ -153,6 +171,11 @@ PRESETS = {
                     theta=0.2, heads=4, dropout=0.2),
 }
 PHASES = ("teacher", "audio", "visual", "fusion")
+# The official code's behaviours that telme fixes by default (SPEC section 3), each with its switch;
+# D2 is the fusion's attention scope (asf_attention "batch"), D9 concerns only the official inference.
+OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling",
+                     "D4": "official_schedule", "D5": "official_clipping", "D6": "official_speakers",
+                     "D7": "official_frames", "D8": "official_long_clips"}
 
 
 def make_config(dataset: str = "meld", **overrides) -> Config:
@@ -169,7 +192,21 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
     if cfg.asf_attention not in ("modality", "batch"):
         raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
+    if cfg.compat not in ("none", "official"):
+        raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
+    if cfg.compat == "official":  # D1-D8 together; without it each switch keeps its own value
+        cfg.asf_attention = "batch"  # D2
+        cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
+        for name in OFFICIAL_SWITCHES.values():
+            setattr(cfg, name, True)
     return cfg
+
+
+def compat_switches(cfg: Config) -> dict[str, bool]:
+    """Which of the official code's behaviours D1-D8 are on (True) in this configuration."""
+    switches = {d: getattr(cfg, name) for d, name in OFFICIAL_SWITCHES.items()}
+    switches["D2"] = cfg.asf_attention == "batch"
+    return dict(sorted(switches.items()))
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -452,16 +489,49 @@ def speaker_indices(speakers: list[str]) -> list[int]:
     return [order.setdefault(s, min(len(order), len(SPEAKER_TOKENS) - 1)) for s in speakers]
 
 
+def official_speaker_indices(keys: list[str], dialogue_ids: list[str]) -> list[int]:
+    """D6: the official preprocessing's speaker indices over one split, in row order.
+
+    It looks each speaker up in (or appends it to) a running list and only then notices that a new
+    dialogue has begun and empties the list: the first utterance of every dialogue is indexed
+    against the previous dialogue's list, and its speaker is not in the list its own dialogue grows.
+    Capped at nine like ours, as there are nine speaker tokens.
+    """
+    indices, known = [], []
+    for k, (key, dialogue) in enumerate(zip(keys, dialogue_ids)):
+        if key not in known:
+            known.append(key)
+        indices.append(min(known.index(key), len(SPEAKER_TOKENS) - 1))
+        if k > 0 and dialogue != dialogue_ids[k - 1]:
+            known = []
+    return indices
+
+
+def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
+    """Each utterance's speaker index for teacher_input_ids: None for ours (per dialogue, by name)."""
+    if not cfg.official_speakers:
+        return None
+    # D6: the official IEMOCAP speaker column holds the utterance id (the name of its wav), so every
+    # utterance there is a new speaker.
+    keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
+    return official_speaker_indices(keys, [u.dialogue for u in utterances])
+
+
 def add_speaker_tokens(tokenizer) -> None:
     """<s1>..<s9> as special tokens, so that no tokenizer splits them (the embeddings grow to match)."""
     tokenizer.add_tokens(SPEAKER_TOKENS, special_tokens=True)
 
 
-def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int) -> list[list[int]]:
-    """Token ids of every utterance's prompt, the mask token last (never truncated)."""
-    ids = []
+def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
+                      speaker_ids: list[int] | None = None) -> list[list[int]]:
+    """Token ids of every utterance's prompt, the mask token last (never truncated). `speaker_ids`:
+    each utterance's speaker index, by default its speaker's order of appearance in its dialogue."""
+    if speaker_ids is None:
+        speaker_ids = [i for d in dialogues(utterances) for i in speaker_indices([u.speaker for u in d])]
+    ids, first = [], 0
     for dialogue in dialogues(utterances):
-        speakers = [SPEAKER_TOKENS[i] for i in speaker_indices([u.speaker for u in dialogue])]
+        speakers = [SPEAKER_TOKENS[i] for i in speaker_ids[first:first + len(dialogue)]]
+        first += len(dialogue)
         for k, u in enumerate(dialogue):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
             prompt = f"{history} {tokenizer.sep_token} Now {speakers[k]} feels"
@@ -501,6 +571,12 @@ def stream_span(container, stream) -> tuple[float, float]:
     if stream.duration:
         return first, first + float(stream.duration * stream.time_base)
     return first, container.duration / av.time_base if container.duration else math.inf
+
+
+# D1: the official code loads audio with librosa's default rate, then declares 16 kHz to the model.
+OFFICIAL_AUDIO_LOAD_RATE = 22050
+# D8: the official MELD code replaces clips longer than this by zeros.
+OFFICIAL_MAX_CLIP_SECONDS = 30.0
 
 
 def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
@@ -631,9 +707,14 @@ class MediaCache:
     def __init__(self, cfg: Config):
         self.root = Path(cfg.cache_dir)
         self.settings = {
-            "audio": dict(rate=cfg.audio_rate, max_samples=cfg.max_audio_samples),
+            # D1: the official waveform is 22050 samples per second played to the model as 16000.
+            "audio": dict(rate=OFFICIAL_AUDIO_LOAD_RATE if cfg.official_audio_rate else cfg.audio_rate,
+                          max_samples=cfg.max_audio_samples),
             "video": dict(num_frames=cfg.num_frames, size=cfg.image_size),
         }
+        if cfg.official_long_clips:  # D8, applied in decode_entry; the settings are part of the key
+            for settings in self.settings.values():
+                settings["zeros_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
 
     def key(self, kind: str, path: str, start, end) -> str:
         try:
@@ -712,8 +793,21 @@ def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray
     """What the cache holds for one entry (audio as float16, half the disk); predict decodes a new
     clip through here too, so that it sees exactly what training and eval saw."""
     if kind == "audio":
-        return decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(np.float16)
-    return decode_frames(path, settings["num_frames"], settings["size"], start, end)
+        array = decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(np.float16)
+    else:
+        array = decode_frames(path, settings["num_frames"], settings["size"], start, end)
+    limit = settings.get("zeros_beyond_seconds")
+    if limit is not None and media_seconds(path, start, end) > limit:
+        array = np.zeros_like(array)  # D8: the official code's stand-in for a long clip
+    return array
+
+
+def media_seconds(path: str, start: float | None, end: float | None) -> float:
+    """Length of the decoded span: the window when there is one, else the container's duration."""
+    if start is not None:
+        return end - start
+    with av.open(path) as container:
+        return container.duration / av.time_base if container.duration else 0.0
 
 
 def atomic_write(path: Path, write) -> None:
@@ -759,6 +853,8 @@ class Collate:
     num_frames: int = 8
     image_size: int = 224
     min_audio_samples: int = 4000  # 0.25 s: enough frames for data2vec's time masking
+    audio_left_pad: bool = False  # D3: official padding, on the left and with no attention mask
+    bgr: bool = False  # D7: channels in OpenCV's order, as the official code feeds them
 
     def __call__(self, items):
         batch = {"index": torch.tensor([it["index"] for it in items]),
@@ -780,14 +876,19 @@ class Collate:
             for row, w in enumerate(waves):
                 n = self.min_audio_samples if w is None else len(w)
                 if w is not None:
-                    audio[row, :n] = torch.from_numpy(w)
+                    first = length - n if self.audio_left_pad else 0
+                    audio[row, first:first + n] = torch.from_numpy(w)
                 mask[row, :max(n, self.min_audio_samples)] = 1
+            if self.audio_left_pad:
+                mask.fill_(1)  # D3: the official model sees the padding zeros as sound
             batch["audio"], batch["audio_mask"] = audio, mask
             batch["audio_missing"] = torch.tensor([w is None for w in waves])
         if "video" in items[0]:
             shape = (self.num_frames, self.image_size, self.image_size, 3)
             frames = torch.from_numpy(np.stack([np.zeros(shape, np.uint8) if it["video"] is None
                                                 else np.asarray(it["video"]) for it in items]))
+            if self.bgr:
+                frames = frames.flip(-1)  # D7: RGB -> BGR, normalised below as if it were RGB
             mean = torch.tensor(self.image_mean).view(1, 1, 3, 1, 1)
             std = torch.tensor(self.image_std).view(1, 1, 3, 1, 1)
             video = (frames.permute(0, 1, 4, 2, 3).float() / 255 - mean) / std  # (B, T, 3, S, S)
@@ -834,13 +935,17 @@ class TextTeacher(nn.Module):
 class AudioStudent(nn.Module):
     """F_A = the masked mean of data2vec-audio's frame outputs (D3); z_A = W F_A."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: nn.Module, num_classes: int, first_frame: bool = False):
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.first_frame = first_frame
 
     def forward(self, audio, audio_mask):
         hidden = self.encoder(audio, attention_mask=audio_mask).last_hidden_state  # (B, T, D)
+        if self.first_frame:  # D3 (official): frame 0, padding for all but the batch's longest clip
+            feature = hidden[:, 0]
+            return feature, self.classifier(feature)
         # D3: average only the frames that cover real samples, not the padding.
         frames = self.encoder._get_feature_vector_attention_mask(hidden.shape[1], audio_mask)
         weights = frames.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -861,12 +966,17 @@ class VisualStudent(nn.Module):
         return feature, self.classifier(feature)
 
 
-def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
-    """A pretrained encoder by hub name or local directory (the real loading path)."""
+def encoder_config(name: str, cfg: Config, kind: str):
+    """The encoder's Hugging Face config, with the official audio masking span."""
     config = AutoConfig.from_pretrained(name)
     if kind == "audio":
         config.mask_time_length = cfg.mask_time_length
-    encoder = AutoModel.from_pretrained(name, config=config)
+    return config
+
+
+def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
+    """A pretrained encoder by hub name or local directory (the real loading path)."""
+    encoder = AutoModel.from_pretrained(name, config=encoder_config(name, cfg, kind))
     if kind != "text" and encoder.config.hidden_size != cfg.feature_dim:
         raise SystemExit(f"telme: {name} has hidden size {encoder.config.hidden_size}, but "
                          f"--feature-dim is {cfg.feature_dim}; the fusion needs them equal")
@@ -880,8 +990,11 @@ def image_statistics(name: str) -> tuple[list[float], list[float]]:
     return list(processor["image_mean"]), list(processor["image_std"])
 
 
-def build_student(kind: str, encoder: nn.Module, num_classes: int) -> nn.Module:
-    return AudioStudent(encoder, num_classes) if kind == "audio" else VisualStudent(encoder, num_classes)
+def build_student(kind: str, encoder: nn.Module, num_classes: int, first_frame: bool = False) -> nn.Module:
+    """The audio or visual student; first_frame: the official audio pooling (D3)."""
+    if kind == "audio":
+        return AudioStudent(encoder, num_classes, first_frame)
+    return VisualStudent(encoder, num_classes)
 
 
 # ==================================================================================================
@@ -1051,6 +1164,24 @@ def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
+
+
+def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
+    """Warmup and total length of the lr schedule, in scheduler steps (one per optimiser step)."""
+    # D4: the official code counts both in samples while stepping once per batch, so the warmup
+    # lasts batch_size epochs and the decay would end batch_size times later than training does.
+    per_epoch = len(train_loader.dataset) if cfg.official_schedule else len(train_loader)
+    return int(per_epoch * cfg.warmup_epochs), per_epoch * epochs
+
+
+def clip_and_step(optimizer, scaler, params, cfg: Config) -> None:
+    """Clip the gradient norm at cfg.grad_clip, then step (the scaler skips non-finite steps)."""
+    if not cfg.official_clipping:
+        scaler.unscale_(optimizer)  # D5: clip the true gradients, not the scaled ones
+    # D5 (official): without unscale_ first, the threshold applies to the loss-scaled gradients.
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -1229,14 +1360,22 @@ def load_teacher(run: Path, cfg: Config, rt: Runtime):
 
 def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
     phase = "audio" if kind == "audio" else "visual"
-    student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]))
+    student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]),
+                            cfg.official_audio_pooling)
     load_weights(student, weights_path(run, phase))
     return student.to(rt.device).eval()
 
 
+# D7: the official code normalises with VideoMAE's image-processor statistics (ImageNet's).
+VIDEOMAE_IMAGE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def make_collate(cfg: Config, pad_id: int = 0, image_stats=((0.45,) * 3, (0.225,) * 3)) -> Collate:
+    if cfg.official_frames:
+        image_stats = VIDEOMAE_IMAGE_STATS  # D7
     return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
-                   num_frames=cfg.num_frames, image_size=cfg.image_size)
+                   num_frames=cfg.num_frames, image_size=cfg.image_size,
+                   audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames)
 
 
 def text_forward(model, batch):
@@ -1293,7 +1432,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
     optimizer = torch.optim.AdamW(params, lr=lr)
     steps = len(loaders["train"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_linear_decay(int(steps * cfg.warmup_epochs), steps * epochs))
+        optimizer, warmup_then_linear_decay(*schedule_lengths(cfg, loaders["train"], epochs)))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     classes = EMOTIONS[cfg.dataset]
     best, done = {"dev_wf1": -1.0}, 0
@@ -1314,10 +1453,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                 loss = loss_fn(trained, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # D5: clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            clip_and_step(optimizer, scaler, params, cfg)
             schedule.step()
             total_loss += loss.detach()
         reports = {}
@@ -1382,7 +1518,8 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     teacher = TextTeacher(encoder, len(EMOTIONS[cfg.dataset]), cfg.feature_dim).to(rt.device)
     collate = make_collate(cfg, pad_id=tokenizer.pad_token_id)
     loaders = {split: make_loader(
-        UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens)),
+        UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens,
+                                                          prompt_speakers(cfg, utts))),
         cfg, rt, collate, shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
 
     def loss_fn(model, batch):
@@ -1396,8 +1533,8 @@ def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Uttera
     """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
     what a teacher run at every student step would give."""
     teacher, tokenizer = load_teacher(run, cfg, rt)
-    dataset = UtteranceDataset(utterances, text_ids=teacher_input_ids(utterances, tokenizer,
-                                                                      cfg.max_text_tokens))
+    dataset = UtteranceDataset(utterances, text_ids=teacher_input_ids(
+        utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)))
     loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
     return run_model(teacher, loader, text_forward, rt, cfg.quiet, "teacher outputs")
 
@@ -1450,7 +1587,8 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         encoder = pretrained_encoder(name, cfg, kind)
         image_stats = image_statistics(name) if kind == "video" else None
         save_encoder_config(run, kind, encoder, image_stats)
-        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset])).to(rt.device)
+        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]),
+                                cfg.official_audio_pooling).to(rt.device)
         collate = make_collate(cfg, image_stats=image_stats or ((0.45,) * 3, (0.225,) * 3))
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
@@ -1494,7 +1632,8 @@ def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         model = teacher if phase == "teacher" else load_student(
             run, "audio" if phase == "audio" else "video", cfg, rt)
         for split, utts in splits.items():
-            dataset = (UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens))
+            dataset = (UtteranceDataset(utts, text_ids=teacher_input_ids(
+                           utts, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utts)))
                        if phase == "teacher" else
                        UtteranceDataset(utts, media=media, kinds=("audio" if phase == "audio" else "video",)))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
@@ -1571,10 +1710,27 @@ def library_versions() -> dict:
             "av": av.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
 
 
+def git_commit() -> str | None:
+    """The commit of the code that runs, "-dirty" when tracked files differ from it; in an image
+    without .git, $TELME_GIT_COMMIT (a build argument of the Dockerfile)."""
+    if os.environ.get("TELME_GIT_COMMIT"):
+        return os.environ["TELME_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if changes else "")
+
+
 def write_run_config(cfg: Config, rt: Runtime, run: Path) -> None:
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
     content = {"config": dataclasses.asdict(cfg), "classes": EMOTIONS[cfg.dataset],
-               "versions": library_versions(), "device": device}
+               "versions": library_versions(), "device": device, "git_commit": git_commit(),
+               "official_behaviours": compat_switches(cfg)}
     atomic_write(run / "config.json", lambda f: f.write(json.dumps(content, indent=2).encode()))
 
 
@@ -1648,7 +1804,8 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
         teacher, tokenizer = load_teacher(run, cfg, rt)
         outputs = {}
         for s, utts in splits.items():
-            dataset = UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens))
+            dataset = UtteranceDataset(utts, text_ids=teacher_input_ids(
+                utts, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utts)))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
             outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, cfg.quiet, s)[1],
                           "label": torch.tensor([u.label for u in utts])}
@@ -1884,6 +2041,143 @@ def print_prediction(result: dict, all_phases: bool) -> None:
     for c in result["probabilities"]:
         print(f"| {c:10s} | " + " | ".join(f"{result['phases'][p]['probabilities'][c]:7.4f}"
                                            for p in shown) + " |")
+
+
+# --- Several seeds: mean and std of each phase ---------------------------------------------------
+def summarize(runs: list[Path], out: Path) -> dict:
+    """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
+    values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
+    if not runs:
+        raise SystemExit("telme: summarize needs at least one run directory")
+    metrics, configs = [], []
+    for run in runs:
+        for name, into in (("metrics.json", metrics), ("config.json", configs)):
+            if not (run / name).is_file():
+                raise SystemExit(f"telme: {run / name} not found; did that run finish?")
+            into.append(json.loads((run / name).read_text()))
+    summary = {"runs": [str(r) for r in runs], "seeds": [c["config"]["seed"] for c in configs],
+               "devices": [c.get("device") for c in configs],
+               # run.sh writes each run's wall-clock seconds (its phases and eval) to wall_clock_s.
+               "wall_clock_s": [float((r / "wall_clock_s").read_text()) if (r / "wall_clock_s").is_file()
+                                else None for r in runs],
+               "phases": {}}
+    for phase in PHASES:
+        found = [m[phase] for m in metrics if phase in m]
+        if not found:
+            continue
+        entry = {"n": len(found), "best_epoch": [m["best_epoch"] for m in found]}
+        for metric in ("dev_wf1", "test_wf1"):
+            values = [m[metric] for m in found if m[metric] is not None]
+            entry[metric] = {"mean": statistics.fmean(values) if values else None,
+                             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        summary["phases"][phase] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print_seed_summary(summary)
+    return summary
+
+
+def print_seed_summary(summary: dict) -> None:
+    def cell(m):
+        return f"{m['mean']:6.2f} ± {m['std']:5.2f}" if m["mean"] is not None else f"{'n/a':>14s}"
+    print(f"\n| {'phase':8s} | {'dev W-F1':14s} | {'test W-F1':14s} | seeds |\n"
+          f"|----------|----------------|----------------|-------|")
+    for phase, m in summary["phases"].items():
+        print(f"| {phase:8s} | {cell(m['dev_wf1'])} | {cell(m['test_wf1'])} | {m['n']:5d} |")
+    clock = [t for t in summary["wall_clock_s"] if t is not None]
+    print(f"seeds {summary['seeds']}; devices {sorted(set(map(str, summary['devices'])))}"
+          + (f"; wall-clock {statistics.fmean(clock) / 60:.1f} min per run" if clock else ""))
+
+
+# --- Official checkpoints as a telme run ----------------------------------------------------------
+# The official code's state-dict file of each phase, inside its save_model/ folder. The fusion
+# file's name is not fixed by the official repository, so it is a flag (--fusion-file).
+OFFICIAL_FILES = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
+                  "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
+# Each official module name -> telme's, per phase. In the fusion the shapes tell them apart (SPEC
+# section 2): W_hav maps [A; F_T] 2304 -> 768 (the gate g), W_av maps A 1536 -> 768 (the shift H),
+# AV_LayerNorm normalises the 1536-wide N', LayerNorm the 768-wide F_T + lam H, W classifies.
+OFFICIAL_MODULES = {
+    "teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
+    "audio": {"model": "encoder", "W": "classifier"},
+    "visual": {"model": "encoder", "W": "classifier"},
+    "fusion": {"multihead_attn": "attention", "AV_LayerNorm": "student_norm", "W_hav": "gate",
+               "W_av": "shift", "LayerNorm": "output_norm", "W": "classifier"},
+}
+
+
+def official_state(path: Path, phase: str) -> dict[str, torch.Tensor]:
+    """An official state dict, its keys renamed to telme's (keys of unknown modules kept as they are)."""
+    if not path.is_file():
+        raise SystemExit(f"telme: {path} not found (the official {phase} weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a zip/pickle, or holding more than tensors (refused unread)
+        raise SystemExit(f"telme: {path}: not a loadable state dict: {error}") from None
+    names = OFFICIAL_MODULES[phase]
+    renamed = {}
+    for key, value in state.items():
+        module, _, rest = key.partition(".")
+        renamed[f"{names[module]}.{rest}" if module in names else key] = value
+    return renamed
+
+
+def load_official(module: nn.Module, state: dict, path: Path, phase: str) -> None:
+    """Put `state` into a module built on the meta device; any missing, unexpected or mis-shaped key
+    is an error that lists them under their official names."""
+    official = {telme: name for name, telme in OFFICIAL_MODULES[phase].items()}
+
+    def name(key: str) -> str:
+        module_name, _, rest = key.partition(".")
+        return f"{official.get(module_name, module_name)}.{rest}"
+    expected = module.state_dict()
+    # Buffers that telme's transformers version does not save (position ids) may be in older files.
+    unsaved = {n for n, _ in module.named_buffers()} - set(expected)
+    missing = sorted(name(k) for k in set(expected) - set(state))
+    unexpected = sorted(name(k) for k in set(state) - set(expected) - unsaved)
+    shapes = sorted(f"{name(k)} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    problems = [f"{what}: {', '.join(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+                if keys]
+    if problems:
+        raise SystemExit(f"telme: {path}: does not fit telme's {phase} model; " + "; ".join(problems))
+    module.load_state_dict({k: state[k] for k in expected}, assign=True)
+
+
+def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FILES["fusion"]) -> Path:
+    """The official code's saved weights as a telme run directory (weights, encoder configs,
+    tokenizer, config.json), so that `eval --run` reproduces the official inference."""
+    # The official fusion attends across the batch (D2): its attention weights only fit that scope.
+    cfg = dataclasses.replace(cfg, asf_attention="batch")
+    files = {phase: directory / name for phase, name in OFFICIAL_FILES.items()}
+    files["fusion"] = directory / fusion_file
+    states = {phase: official_state(path, phase) for phase, path in files.items()}
+    classes = len(EMOTIONS[cfg.dataset])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
+    add_speaker_tokens(tokenizer)
+    text_config = encoder_config(cfg.text_model, cfg, "text")
+    text_config.vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
+    with torch.device("meta"):  # shapes only, no memory: every weight comes from the files
+        encoders = {"text": AutoModel.from_config(text_config),
+                    "audio": AutoModel.from_config(encoder_config(cfg.audio_model, cfg, "audio")),
+                    "video": AutoModel.from_config(encoder_config(cfg.video_model, cfg, "video"))}
+        models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
+                  "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
+                  "visual": build_student("video", encoders["video"], classes),
+                  "fusion": ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
+                                           cfg.asf_attention)}
+    for phase, model in models.items():
+        load_official(model, states[phase], files[phase], phase)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, make_runtime(cfg), run)
+    save_encoder_config(run, "text", encoders["text"], tokenizer)
+    save_encoder_config(run, "audio", encoders["audio"])
+    save_encoder_config(run, "video", encoders["video"], image_statistics(cfg.video_model))
+    for phase, model in models.items():  # best_epoch 0: not selected by telme
+        save_weights(model, weights_path(run, phase), best_epoch=0, imported_from=files[phase])
+    return run
 
 
 # ==================================================================================================
@@ -2194,6 +2488,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
                                 "dialogues (Session 5: a quarter)")
     synth_cmd.add_argument("--seed", type=int, default=0)
+    summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
+    summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
+    summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
+    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a "
+                                     "run directory for eval (compat official unless --compat none)")
+    add_config_flags(import_cmd)
+    import_cmd.add_argument("--dir", required=True, help="the official save_model/ folder")
+    import_cmd.add_argument("--fusion-file", default=OFFICIAL_FILES["fusion"],
+                            help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
     demo_cmd.add_argument("--out", default="runs/demo")
     demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
@@ -2232,6 +2535,14 @@ def main(argv=None) -> None:
         synth(Path(args.out), args.dataset, args.dialogues, args.seed)
     elif args.command == "demo":
         demo(Path(args.out), args.dataset, args.seed, quiet=args.quiet)
+    elif args.command == "summarize":
+        summarize([Path(r) for r in args.runs], Path(args.out))
+    elif args.command == "import-official":
+        # The official weights were trained with D1-D8, so their inference needs them too.
+        args.compat = getattr(args, "compat", "official")
+        args.out = getattr(args, "out", f"runs/{getattr(args, 'dataset', 'meld')}-official")
+        run = import_official(config_from_args(args), Path(args.dir), args.fusion_file)
+        log(f"telme: imported {args.dir} into {run}; evaluate it with: python telme.py eval --run {run}")
     finish_distributed()
 
 

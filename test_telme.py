@@ -988,3 +988,372 @@ def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(
     assert any(path.startswith(cfg.cache_dir) for path in first)
     log = (run / "train.log").read_text().splitlines()
     assert len(log) == 4 * 2 and len(set(log)) == len(log)
+
+
+# --------------------------------------------------------------------------------------------------
+# The official code's behaviours D1-D8 (SPEC section 3): each switch changes what it names
+# --------------------------------------------------------------------------------------------------
+def test_compat_official_switches_on_d1_to_d8_and_nothing_by_default():
+    fixed = telme.make_config("meld")
+    assert not any(telme.compat_switches(fixed).values())
+    official = telme.config_from_args(telme.build_parser().parse_args(["train", "--compat", "official"]))
+    assert official.asf_attention == "batch" and official.amp == "fp16"  # D2; D5 needs the scaler
+    assert telme.compat_switches(official) == {f"D{i}": True for i in range(1, 9)}
+    one = telme.make_config("meld", official_frames=True)
+    assert [d for d, on in telme.compat_switches(one).items() if on] == ["D7"]
+    # A saved configuration reads back to the same switches.
+    assert telme.make_config(**telme.dataclasses.asdict(official)) == official
+
+
+def cache_entry(tmp_path, kind, path, **switches):
+    """Decode `path` through the media cache under the given switches; returns (array, cfg)."""
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), num_frames=4, image_size=16,
+                            **switches)
+    media = telme.MediaCache(cfg)
+    u = telme.Utterance(dialogue="0", speaker="a", text="t", label=0, video=str(path), audio=str(path))
+    media.prepare([u], workers=1, quiet=True, kinds=(kind,))
+    return np.asarray(media.load(kind, u), dtype=np.float32), cfg
+
+
+def test_d1_official_audio_rate_shifts_the_pitch(tmp_path):
+    rate = 44100
+    t = np.arange(rate) / rate
+    write_wav(tmp_path / "tone.wav", np.stack([0.5 * np.sin(2 * np.pi * 1000 * t)]), rate)
+    for switch, expected in ((False, 1000.0), (True, 1000.0 * 16000 / 22050)):
+        waveform, cfg = cache_entry(tmp_path, "audio", tmp_path / "tone.wav", official_audio_rate=switch)
+        # The model is told the waveform is cfg.audio_rate (16 kHz) samples per second.
+        peak = np.argmax(np.abs(np.fft.rfft(waveform))) * cfg.audio_rate / len(waveform)
+        assert abs(peak - expected) < 3, (switch, peak, expected)
+
+
+def test_d8_official_long_clips_become_zeros(tmp_path):
+    def clip(name, seconds):
+        rate, fps = 8000, 2
+        frames = np.full((seconds * fps, 32, 32, 3), 200, np.uint8)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * rate) / rate)
+        telme.write_clip(tmp_path / name, frames, fps, np.stack([tone]).astype(np.float32), rate=rate)
+        return tmp_path / name
+    long, short = clip("long.mp4", 31), clip("short.mp4", 2)
+    for kind in ("audio", "video"):
+        assert np.abs(cache_entry(tmp_path, kind, long)[0]).max() > 0.1
+        assert np.abs(cache_entry(tmp_path, kind, long, official_long_clips=True)[0]).max() == 0
+        assert np.abs(cache_entry(tmp_path, kind, short, official_long_clips=True)[0]).max() > 0.1
+
+
+def test_d7_official_frames_are_bgr_with_videomae_statistics():
+    red = np.zeros((2, 4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    items = [{"index": 0, "label": 0, "video": red}]
+    ours_stats = ((0.45,) * 3, (0.225,) * 3)
+    for switch in (False, True):
+        cfg = telme.make_config("meld", num_frames=2, image_size=4, official_frames=switch)
+        video = telme.make_collate(cfg, image_stats=ours_stats)(items)["video"]  # (B, T, 3, S, S)
+        channels = video[0, 0, :, 0, 0]
+        if switch:  # blue first, then ImageNet's mean and std
+            expected = [(0 - 0.485) / 0.229, (0 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+        else:
+            expected = [(1 - 0.45) / 0.225, (0 - 0.45) / 0.225, (0 - 0.45) / 0.225]
+        assert torch.allclose(channels, torch.tensor(expected), atol=1e-5), (switch, channels)
+
+
+def tiny_audio_encoder():
+    """One positional-conv layer: with more, data2vec-audio itself lets padding leak into the
+    frames next to it, so even a masked mean would not be exactly padding-free."""
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+    torch.manual_seed(0)
+    return Data2VecAudioModel(Data2VecAudioConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4), conv_pos_kernel_size=5,
+        num_conv_pos_embeddings=1, num_conv_pos_embedding_groups=2)).eval()
+
+
+def test_d3_official_audio_pooling_depends_on_the_batch_padding():
+    rng = np.random.default_rng(0)
+    short, long = rng.standard_normal(6000).astype(np.float32), rng.standard_normal(16000).astype(np.float32)
+    encoder = tiny_audio_encoder()
+    for switch in (False, True):
+        cfg = telme.make_config("meld", official_audio_pooling=switch)
+        student = telme.build_student("audio", encoder, 7, cfg.official_audio_pooling).eval()
+        collate = telme.make_collate(cfg)
+
+        def pooled(waves):
+            batch = collate([{"index": i, "label": 0, "audio": w} for i, w in enumerate(waves)])
+            with torch.no_grad():
+                return telme.audio_forward(student, batch)[0][0]
+        alone, padded = pooled([short]), pooled([short, long])
+        if switch:
+            assert not torch.allclose(alone, padded, atol=1e-3)
+        else:
+            assert torch.allclose(alone, padded, atol=1e-4)
+
+
+def tiny_fit(tmp_path, **switches):
+    """Ten epochs of a tiny fusion on 40 random samples, batch 4 (10 steps an epoch); the lr per epoch."""
+    torch.manual_seed(0)
+    cfg = telme.make_config("meld", batch_size=4, quiet=True, warmup_epochs=1.0, **switches)
+    rt = telme.Runtime(torch.device("cpu"))
+
+    def features(n):
+        return {"f_teacher": torch.randn(n, 8), "f_audio": torch.randn(n, 8), "f_visual": torch.randn(n, 8),
+                "label": torch.randint(0, 7, (n,))}
+    loaders = {split: telme.make_loader(telme.FeatureDataset(features(n)), cfg, rt, None,
+                                        shuffle=split == "train")
+               for split, n in (("train", 40), ("dev", 8))}
+    fusion = telme.ShiftingFusion(8, 7, 2, 0.0, 0.1)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(telme.fusion_forward(model, batch)[1], batch["label"])
+    run = tmp_path / ("official" if switches else "ours")
+    run.mkdir()
+    telme.fit("fusion", fusion, loaders, telme.fusion_forward, loss_fn, 10, 1e-3, cfg, rt, run)
+    return [float(line.split(" lr ")[1].split()[0]) for line in (run / "train.log").read_text().splitlines()]
+
+
+def test_d4_official_schedule_counts_samples(tmp_path):
+    ours = tiny_fit(tmp_path)
+    assert ours[0] == pytest.approx(1e-3) and ours[-1] == 0.0  # warm after 1 epoch, 0 at the end
+    official = tiny_fit(tmp_path, official_schedule=True)
+    # Counted in samples: 40 warmup and 400 total steps, of which 100 are taken.
+    assert official[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-2)
+    assert official[-1] == pytest.approx(1e-3 * 300 / 360, rel=1e-2)
+
+
+def test_d5_official_clipping_acts_before_unscaling():
+    true_gradient = torch.tensor([2.0, 0.0, 0.0])  # norm 2, under the threshold 10
+    for switch, expected_step in ((False, 2.0), (True, 10.0 / 1024)):
+        cfg = telme.make_config("meld", official_clipping=switch)
+        w = torch.zeros(3, requires_grad=True)
+        optimizer = torch.optim.SGD([w], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale((w * true_gradient).sum()).backward()
+        telme.clip_and_step(optimizer, scaler, [w], cfg)
+        # Official: the scaled gradient (norm 2048) is clipped to 10, then unscaled by 1024.
+        assert w.detach().norm().item() == pytest.approx(expected_step, rel=1e-4), switch
+
+
+D6_ROWS = FIXTURE_ROWS + [(1, 2, "Monica", "joy", "hello joey"), (2, 0, "Joey", "anger", "go away now")]
+
+
+def test_d6_official_speakers_index_a_dialogue_opener_against_the_previous_list(tmp_path):
+    write_meld_csv(tmp_path / "train_sent_emo.csv", D6_ROWS)
+    utterances = telme.read_meld_split(tmp_path, "train")
+    tokenizer = bert_style_tokenizer()
+    telme.add_speaker_tokens(tokenizer)
+
+    def speaker_tokens(**switches):
+        cfg = telme.make_config("meld", **switches)
+        ids = telme.teacher_input_ids(utterances, tokenizer, 512, telme.prompt_speakers(cfg, utterances))
+        return [[t for t in tokenizer.convert_ids_to_tokens(i) if t in telme.SPEAKER_TOKENS][-1] for i in ids]
+    # Dialogue 0: Ross Rachel Ross; 1: Monica Joey Monica; 2: Joey.
+    assert speaker_tokens() == ["<s1>", "<s2>", "<s1>", "<s1>", "<s2>", "<s1>", "<s1>"]
+    # Official: Monica opens dialogue 1 as the third speaker of dialogue 0's list [Ross, Rachel],
+    # then the list restarts without her: Joey <s1>, Monica again <s2>. Joey opens dialogue 2 as
+    # Joey of dialogue 1's list [Joey, Monica].
+    assert speaker_tokens(official_speakers=True) == ["<s1>", "<s2>", "<s1>", "<s3>", "<s1>", "<s2>", "<s1>"]
+
+
+def test_d6_official_iemocap_speakers_are_utterance_ids():
+    def utterance(dialogue, name, speaker):
+        return telme.Utterance(dialogue=dialogue, speaker=speaker, text="x", label=0, video="v.avi",
+                               audio=f"Session1/sentences/wav/{dialogue}/{name}.wav")
+    utterances = [utterance("Ses01F_impro01", f"Ses01F_impro01_{s}00{i}", s) for i, s in enumerate("FMF")]
+    utterances += [utterance("Ses01F_impro02", f"Ses01F_impro02_{s}00{i}", s) for i, s in enumerate("MF")]
+    assert telme.prompt_speakers(telme.make_config("iemocap"), utterances) is None  # ours: F/M by name
+    official = telme.prompt_speakers(telme.make_config("iemocap", official_speakers=True), utterances)
+    assert official == [0, 1, 2, 3, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Official checkpoints
+# --------------------------------------------------------------------------------------------------
+# telme's module names -> the official code's, written out independently of telme.OFFICIAL_MODULES.
+TO_OFFICIAL = {
+    "teacher": [("encoder.", "text_model."), ("project.", "W."), ("classifier.", "classifier.")],
+    "audio": [("encoder.", "model."), ("classifier.", "W.")],
+    "visual": [("encoder.", "model."), ("classifier.", "W.")],
+    "fusion": [("attention.", "multihead_attn."), ("student_norm.", "AV_LayerNorm."), ("gate.", "W_hav."),
+               ("shift.", "W_av."), ("output_norm.", "LayerNorm."), ("classifier.", "W.")],
+}
+OFFICIAL_LAYOUT = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
+                   "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
+
+
+def write_official_checkpoint(directory: Path, states: dict) -> None:
+    """telme state dicts saved under the official file names and key names (a key of no known
+    module kept as it is)."""
+    for phase, state in states.items():
+        renamed = {}
+        for key, value in state.items():
+            prefix = next((p for p in TO_OFFICIAL[phase] if key.startswith(p[0])), ("", ""))
+            renamed[prefix[1] + key[len(prefix[0]):]] = value
+        (directory / OFFICIAL_LAYOUT[phase]).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(renamed, directory / OFFICIAL_LAYOUT[phase])
+
+
+def import_args(demo_out: Path, official: Path, run: Path, *extra):
+    models = demo_out / "models"
+    return ["import-official", "--dir", str(official), "--dataset", "meld", "--out", str(run),
+            "--text-model", str(models / "text"), "--audio-model", str(models / "audio"),
+            "--video-model", str(models / "video"), "--data-dir", str(demo_out / "data"),
+            "--cache-dir", str(demo_out / "cache"), "--quiet", "--feature-dim", "48", "--image-size", "32",
+            "--max-text-tokens", "48", "--max-audio-samples", "48000", "--batch-size", "8", *extra]
+
+
+def test_import_official_gives_the_logits_of_the_same_weights_in_telme(demo_run, tmp_path):
+    out, _ = demo_run
+    from safetensors.torch import load_file
+    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    torch.manual_seed(5)
+    fusion = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").eval()  # the official scope (D2)
+    states["fusion"] = fusion.state_dict()
+    write_official_checkpoint(tmp_path / "save_model", states)
+    run = tmp_path / "imported"
+    telme.main(import_args(out, tmp_path / "save_model", run, "--compat", "none"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["official_behaviours"]["D2"] and not config["official_behaviours"]["D1"]
+
+    reference_cfg = telme.read_run_config(out / "run")
+    imported_cfg = telme.read_run_config(run)
+    rt = telme.Runtime(torch.device("cpu"))
+    splits = {s: u for s, u in telme.load_splits(reference_cfg).items() if s in ("dev", "test")}
+    reference = telme.frozen_outputs(reference_cfg, rt, out / "run", splits)
+    imported = telme.frozen_outputs(imported_cfg, rt, run, splits)
+    loaded = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch")
+    telme.load_weights(loaded, telme.weights_path(run, "fusion"))
+    for split in splits:
+        for name, value in reference[split].items():
+            assert torch.equal(value, imported[split][name]), (split, name)
+        with torch.no_grad():  # the whole split as one batch both times: D2 mixes batch mates
+            args = [imported[split][f"f_{p}"] for p in ("teacher", "audio", "visual")]
+            assert torch.equal(loaded.eval()(*args), fusion(*args))
+    # eval runs on the imported directory and scores every phase.
+    results = telme.evaluate(run, quiet=True)
+    assert list(results) == list(telme.PHASES)
+    for phase in ("teacher", "audio", "visual"):
+        assert results[phase]["test_wf1"] == pytest.approx(
+            telme.classification_report(reference["test"][f"z_{phase}"], reference["test"]["label"].numpy(),
+                                        telme.EMOTIONS["meld"])["wf1"])
+
+
+def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
+    out, _ = demo_run
+    from safetensors.torch import load_file
+    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").state_dict()
+    write_official_checkpoint(tmp_path / "good", states)
+    telme.main(import_args(out, tmp_path / "good", tmp_path / "run"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["compat"] == "official"
+    assert config["official_behaviours"] == {f"D{i}": True for i in range(1, 9)}
+    for phase in telme.PHASES:
+        assert (tmp_path / "run" / f"{phase}.safetensors").is_file()
+    # A missing and an unexpected key, both named as the official code names them.
+    del states["teacher"]["classifier.bias"]
+    states["teacher"]["pooler.dense.weight"] = torch.zeros(2)
+    write_official_checkpoint(tmp_path / "bad", states)
+    bad_keys = r"missing keys: classifier\.bias; unexpected keys: pooler\.dense\.weight"
+    with pytest.raises(SystemExit, match=bad_keys):
+        telme.main(import_args(out, tmp_path / "bad", tmp_path / "bad_run"))
+    assert not (tmp_path / "bad_run").exists()
+    # A fusion whose attention is per modality (768 wide) does not fit the official one.
+    states = {p: s for p, s in states.items() if p != "teacher"}
+    states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "modality").state_dict()
+    write_official_checkpoint(tmp_path / "good", {"fusion": states["fusion"]})
+    bad_shape = r"shape mismatches: multihead_attn\.in_proj_bias \(144,\) \(expected \(288,\)\)"
+    with pytest.raises(SystemExit, match=bad_shape):
+        telme.main(import_args(out, tmp_path / "good", tmp_path / "bad_run"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several seeds, the run.sh driver, the Docker image
+# --------------------------------------------------------------------------------------------------
+def fake_run(path: Path, seed: int, wf1: dict, seconds=None) -> Path:
+    """A run directory holding only what summarize reads."""
+    path.mkdir(parents=True)
+    metrics = {phase: {"dev_wf1": dev, "test_wf1": test, "best_epoch": 1, "per_class": {}, "confusion": {}}
+               for phase, (dev, test) in wf1.items()}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    (path / "config.json").write_text(json.dumps({"config": {"seed": seed}, "device": "NVIDIA H100"}))
+    if seconds is not None:
+        (path / "wall_clock_s").write_text(str(seconds))
+    return path
+
+
+def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "seed42", 42, {"teacher": (60, 61), "fusion": (66, 67)}, 100),
+            fake_run(tmp_path / "seed43", 43, {"teacher": (62, 63), "fusion": (68, 65)}, 300),
+            fake_run(tmp_path / "seed44", 44, {"teacher": (64, 65), "fusion": (67, 69)})]
+    telme.main(["summarize", "--out", str(tmp_path), *map(str, runs)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43, 44] and summary["wall_clock_s"] == [100.0, 300.0, None]
+    assert list(summary["phases"]) == ["teacher", "fusion"]
+    teacher = summary["phases"]["teacher"]
+    assert teacher["n"] == 3 and teacher["dev_wf1"]["mean"] == pytest.approx(62.0)
+    assert teacher["dev_wf1"]["std"] == pytest.approx(2.0)  # sample std of 60, 62, 64
+    fusion = summary["phases"]["fusion"]["test_wf1"]
+    assert fusion["values"] == [67, 65, 69] and fusion["std"] == pytest.approx(2.0)
+    table = capsys.readouterr().out
+    assert "| fusion   |  67.00 ±  1.00 |  67.00 ±  2.00 |     3 |" in table
+    assert "3.3 min per run" in table
+    with pytest.raises(SystemExit, match="metrics.json not found"):
+        telme.summarize([tmp_path / "seed45"], tmp_path)
+
+
+def test_summarize_a_real_run(demo_run, tmp_path):
+    out, results = demo_run
+    summary = telme.summarize([out / "run"], tmp_path)
+    assert summary["phases"]["fusion"]["test_wf1"]["mean"] == pytest.approx(results["fusion"]["test_wf1"])
+    assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
+
+
+def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
+    """run.sh with a stand-in python that records each telme.py command it is given."""
+    import subprocess
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncommand=$2\n'  # then make the --out folder
+                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2/$([[ $command == demo ]] && echo run)"; '
+                    'shift; done\n')
+    fake.chmod(0o755)
+    (tmp_path / "meld" / "train_sent_emo.csv").parent.mkdir()
+    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
+           "TELME_OUT": str(tmp_path / "runs")}
+    script = Path(telme.__file__).parent / "run.sh"
+    subprocess.run(["bash", str(script), "meld", "--seeds", "2", "--lr", "1e-5"], env=env, check=True)
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("telme.py prepare --dataset meld") and calls[0].endswith("--lr 1e-5")
+    runs = tmp_path / "runs"
+    for seed in (42, 43):
+        assert sum(f"--out {runs}/seed{seed} " in c and c.endswith(f"--seed {seed}") and "--lr 1e-5" in c
+                   for c in calls) == 3  # teacher, students, fusion
+        assert f"telme.py eval --run {runs}/seed{seed}" in calls
+        assert (runs / f"seed{seed}" / "wall_clock_s").read_text().strip().isdigit()
+    assert calls[-1] == f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"
+    log.unlink()
+    subprocess.run(["bash", str(script), "demo", "iemocap", "--seeds", "2"], env=env, check=True)
+    assert log.read_text().splitlines() == [
+        f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42",
+        f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43",
+        f"telme.py summarize --out {runs} {runs}/seed42/run {runs}/seed43/run"]
+
+
+def test_dockerfile_pins_the_torch_of_requirements_and_installs_them():
+    here = Path(telme.__file__).parent
+    dockerfile = (here / "Dockerfile").read_text()
+    pins = dict(line.split("==") for line in (here / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    base = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert len(base) == 1 and base[0].startswith(f"pytorch/pytorch:{pins['torch']}-cuda")
+    assert base[0].endswith("-runtime")
+    assert "pip install --no-cache-dir -r requirements.txt" in dockerfile
+    assert 'ENTRYPOINT ["bash", "run.sh"]' in dockerfile
+    user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert user and not user[-1].startswith(("root", "0"))
+    # Nothing trained or downloaded at build time: no RUN line starts telme.
+    assert not any("telme.py" in line or "run.sh" in line for line in dockerfile.splitlines()
+                   if line.startswith("RUN "))
+    for env in ("TELME_PYTHON=", "MELD_DIR=/data/MELD.Raw", "IEMOCAP_DIR=/data/IEMOCAP_full_release"):
+        assert env in dockerfile
+    ignored = (here / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs", "data"} <= set(ignored)
