@@ -4,6 +4,7 @@
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
+#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (CPU: ~10 min)
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
 # Every hyperparameter lives in telme.py's PRESETS; extra arguments are passed to `telme.py train`.
@@ -53,6 +54,12 @@ case "$command" in
     setup_python
     $PY telme.py demo --dataset "${1:-meld}" --out "${TELME_OUT:-runs/demo}"
     ;;
+  bench)
+    setup_python
+    # (a) decode MELD-format clips once, then read them cached; (b) full-size training steps per
+    # phase; (c) a MELD-sized fusion epoch. `--steps N` times more steps, `--parts ac` skips (b).
+    $PY telme.py bench "$@"
+    ;;
   test)
     setup_python
     $PY -m pytest -q test_telme.py "$@"
@@ -77,7 +84,7 @@ dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wa
     recipe iemocap "$IEMOCAP_DIR" "$@"
     ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac
