@@ -12,6 +12,7 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py eval    --run runs/meld
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
+    python telme.py bench                                   # decoding, cache and training-speed table
 
 Map of the file (paper order):
     Config and presets ............ every flag, with where its value comes from
@@ -1787,7 +1788,9 @@ def endless(loader: DataLoader):
 def bench_phase(job: tuple) -> dict:
     """Steps/s, share of the time spent waiting for batches, and peak memory of one phase's training
     step with its full-size model. Runs in a fresh process, so that the peak is this phase's own."""
-    phase, cfg, utterances, warmup, steps = job
+    phase, cfg, utterances, warmup, steps, threads = job
+    if threads:
+        torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     seed_everything(cfg.seed)
     configs, classes, n = full_size_configs(cfg), len(EMOTIONS[cfg.dataset]), len(utterances)
@@ -1811,6 +1814,7 @@ def bench_phase(job: tuple) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler()
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
+    waited = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             rt.synchronize()
@@ -1849,9 +1853,11 @@ def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, floa
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str) -> dict:
+def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0) -> dict:
     """Print the benchmark table: (a) decoding and the media cache, (b) full-size training steps per
     phase, (c) a MELD-sized fusion epoch from the feature caches."""
+    if threads:
+        torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -1894,7 +1900,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str) -> 
               f"{d['cache_bytes_per_clip'] / 1e6:.2f} | {d['mp4_bytes_per_clip'] / 1e6:.2f} | every clip |\n"
               f"| first, `prepare` ({d['workers']} workers, start-up included) | "
               f"{d['first_pass_clips_per_s']:.2f} | | | every clip |\n"
-              f"| cached (memory-mapped, collated) | {d['cached_clips_per_s']:.1f} | | | "
+              f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | | | "
               f"{d['mp4_opened_when_cached']} |")
     if "b" in parts:
         warmup, timed = BENCH_STEPS["cuda" if rt.device.type == "cuda" else "cpu"]
@@ -1903,7 +1909,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str) -> 
         for phase in ("teacher", "audio", "visual", "fusion"):
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results["steps"].append(pool.submit(bench_phase, (phase, cfg, utterances, warmup, timed)).result())
+                results["steps"].append(pool.submit(bench_phase, (phase, cfg, utterances, warmup, timed, threads)).result())
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
               f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens)\n"
               f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data | peak memory (GiB) |\n"
@@ -2020,6 +2026,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
                                 f"{BENCH_STEPS['cuda'][1]} on CUDA]")
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
+    bench_cmd.add_argument("--threads", type=int, default=0,
+                           help="torch intra-op threads [default: torch's own, one per core]; on a CPU "
+                                "shared with other jobs, 1 avoids threads spinning while they wait for a core")
     for name in ("device", "amp", "workers", "loader_workers", "batch_size"):
         flag = "--" + name.replace("_", "-")
         bench_cmd.add_argument(flag, type=type(getattr(Config, name)), default=argparse.SUPPRESS,
@@ -2046,7 +2055,7 @@ def main(argv=None) -> None:
     elif args.command == "bench":
         cfg = config_from_args(args)
         with tempfile.TemporaryDirectory(prefix="telme-bench-") as scratch:
-            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts)
+            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts, args.threads)
 
 
 if __name__ == "__main__":

@@ -841,7 +841,7 @@ def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch):
     corpus = [u.text for utts in telme.load_splits(telme.make_config(data_dir=str(data))).values() for u in utts]
     models = telme.write_tiny_models(tmp_path / "models", corpus, telme.DEMO["feature_dim"],
                                      telme.DEMO["image_size"], 8)
-    settings = {**telme.DEMO, "epochs": (1, 1, 1)}
+    settings = {**telme.DEMO, "epochs": (1, 1, 1), "max_audio_samples": 16000}
 
     def run(name):
         cfg = telme.make_config("meld", data_dir=str(data), out=str(tmp_path / name), quiet=True,
