@@ -4,7 +4,7 @@
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
-#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (CPU: ~10 min)
+#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (2 CPU cores: ~15 min)
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
 # Every hyperparameter lives in telme.py's PRESETS; extra arguments are passed to `telme.py train`.
@@ -36,7 +36,7 @@ need_data() {  # need_data NAME DIR FILE-THAT-MUST-EXIST MESSAGE
 recipe() {  # recipe DATASET DATA_DIR [train flags]
   local dataset=$1 data=$2; shift 2
   local out=${TELME_OUT:-runs/$dataset}
-  # Decode every clip once into the media cache (all cores; ~1.2 MB per clip).
+  # Decode every clip once into the media cache (all cores; ~1.3 MB per clip, ~18 GB for MELD).
   $PY telme.py prepare --dataset "$dataset" --data-dir "$data" "$@"
   # Phase 1, teacher (text only, opens no media).
   $PY telme.py train --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"

@@ -863,3 +863,12 @@ def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch):
     assert not (tmp_path / "cache-uncached").exists()
     assert list(cached) == list(telme.PHASES)
     assert uncached == cached
+
+
+def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
+    cfg = telme.make_config("meld", quiet=True)
+    utterances = [telme.Utterance(str(i), "A", "", i % 7, "unused.mp4", "unused.mp4") for i in range(8)]
+    result = telme.bench_phase(("fusion", cfg, utterances, 1, 2, 0))
+    assert result["phase"] == "fusion" and result["steps_per_s"] > 0 and result["cpu_s_per_step"] > 0
+    assert 0 <= result["data_share"] < 1 and result["peak_gib"] > 0
+    assert abs(result["parameters_m"] - 5.32) < 0.01  # ShiftingFusion at dim 768, 7 classes
