@@ -1219,7 +1219,8 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     loaders = {split: make_loader(
         UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens)),
         cfg, rt, collate, shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
-    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt, run)
+    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt,
+               run)
 
 
 def teacher_loss(model, batch):
@@ -1732,7 +1733,7 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, 
 # MELD's clips (issue 4): 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC.
 BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000)
 # Synthetic footage: a random texture of 64-pixel blocks panning 3 pixels per frame, so that h264
-# has motion to encode as in real footage (about 1 MB per clip; noise would be 10 times as much).
+# has motion to encode as in real footage: about 1.1 MB per clip (16-pixel blocks gave 8 MB).
 BENCH_TEXTURE_BLOCK, BENCH_PAN_PIXELS = 64, 3
 # Teacher prompt length: about the mean padded length of a batch of 4 on MELD train.
 BENCH_TEXT_TOKENS = 160
@@ -1751,13 +1752,13 @@ def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
     utterances = []
     for i in range(count):
         seconds = rng.uniform(*BENCH_CLIP["seconds"])
-        count = int(seconds * fps)
-        blocks = rng.integers(0, 256, (-(-height // BENCH_TEXTURE_BLOCK),
-                                       -(-(width + BENCH_PAN_PIXELS * count) // BENCH_TEXTURE_BLOCK), 3),
+        frame_count = int(seconds * fps)
+        span = width + BENCH_PAN_PIXELS * frame_count  # the texture pans across this width
+        blocks = rng.integers(0, 256, (-(-height // BENCH_TEXTURE_BLOCK), -(-span // BENCH_TEXTURE_BLOCK), 3),
                               dtype=np.uint8)
         texture = blocks.repeat(BENCH_TEXTURE_BLOCK, 0).repeat(BENCH_TEXTURE_BLOCK, 1)
         frames = np.stack([texture[:height, BENCH_PAN_PIXELS * k:BENCH_PAN_PIXELS * k + width]
-                           for k in range(count)])  # (N, H, W, 3)
+                           for k in range(frame_count)])  # (N, H, W, 3)
         t = np.arange(int(seconds * rate)) / rate
         tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.02 * rng.standard_normal(t.size)
         path = out / f"dia{i}_utt0.mp4"
@@ -1800,9 +1801,10 @@ def bench_phase(job: tuple) -> dict:
         ids = torch.randint(3, configs["text"].vocab_size, (n, BENCH_TEXT_TOKENS)).tolist()
         dataset, loss_fn = UtteranceDataset(utterances, text_ids=ids), teacher_loss
     elif phase == "fusion":  # the frozen encoders' features, computed once
-        model = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta, cfg.asf_attention)
-        dataset = FeatureDataset({k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
-                                 | {"label": torch.tensor([u.label for u in utterances])})
+        model = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
+                               cfg.asf_attention)
+        features = {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
+        dataset = FeatureDataset(features | {"label": torch.tensor([u.label for u in utterances])})
         collate, loss_fn = None, fusion_loss
     else:  # a student on cached media, against the frozen teacher's precomputed outputs
         kind, forward = ("audio", audio_forward) if phase == "audio" else ("video", video_forward)
@@ -1839,9 +1841,8 @@ def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, floa
     """Wall-clock and CPU seconds of one fusion epoch through fit() (train, dev and test) on
     MELD-sized feature caches."""
     classes = len(EMOTIONS[cfg.dataset])
-    outputs = {split: {"f_teacher": torch.randn(n, cfg.feature_dim), "f_audio": torch.randn(n, cfg.feature_dim),
-                       "f_visual": torch.randn(n, cfg.feature_dim), "label": torch.randint(classes, (n,))}
-               for split, n in MELD_SIZES.items()}
+    outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
+               | {"label": torch.randint(classes, (n,))} for split, n in MELD_SIZES.items()}
     seed_everything(cfg.seed)
     fusion = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
                             cfg.asf_attention).to(rt.device)
@@ -1877,9 +1878,10 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         entries = list(media.root.rglob("*.npy"))
         opened, real_open = [], av.open
         av.open = lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs)
-        try:  # a cached epoch, as a student phase reads it: both modalities, collated
+        try:  # a cached epoch as a student phase reads it, in this process so that opens are counted
             loader = make_loader(UtteranceDataset(utterances, media=media, kinds=("audio", "video")),
-                                 cfg, rt, make_collate(cfg), shuffle=True, seed=cfg.seed)
+                                 dataclasses.replace(cfg, loader_workers=0), rt, make_collate(cfg),
+                                 shuffle=True, seed=cfg.seed)
             started = time.perf_counter()
             for _ in loader:
                 pass
@@ -1894,8 +1896,9 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
             "cache_bytes_per_clip": sum(p.stat().st_size for p in entries) / clips,
             "mp4_bytes_per_clip": sum(os.path.getsize(u.video) for u in utterances) / clips}
         d = results["decode"]
-        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, 48 kHz stereo AAC)\n"
-              f"| pass | clips/s | cache MB/clip | mp4 MB/clip | mp4 opens |\n|---|---|---|---|---|\n"
+        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, "
+              f"48 kHz stereo AAC)\n| pass | clips/s | cache MB/clip | mp4 MB/clip | mp4 opens |\n"
+              f"|---|---|---|---|---|\n"
               f"| first, 1 process | {d['first_pass_one_process_clips_per_s']:.2f} | "
               f"{d['cache_bytes_per_clip'] / 1e6:.2f} | {d['mp4_bytes_per_clip'] / 1e6:.2f} | every clip |\n"
               f"| first, `prepare` ({d['workers']} workers, start-up included) | "
@@ -1909,14 +1912,16 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         for phase in ("teacher", "audio", "visual", "fusion"):
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results["steps"].append(pool.submit(bench_phase, (phase, cfg, utterances, warmup, timed, threads)).result())
+                job = (phase, cfg, utterances, warmup, timed, threads)
+                results["steps"].append(pool.submit(bench_phase, job).result())
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
               f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens)\n"
-              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data | peak memory (GiB) |\n"
-              f"|---|---|---|---|---|---|---|")
+              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data "
+              f"| peak memory (GiB) |\n|---|---|---|---|---|---|---|")
         for r in results["steps"]:
-            print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.2f} | "
-                  f"{r['cpu_s_per_step']:.2f} | {100 * r['data_share']:.1f}% | {r['peak_gib']:.2f} |")
+            print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
+                  f"{1 / r['steps_per_s']:.2f} | {r['cpu_s_per_step']:.2f} | {100 * r['data_share']:.1f}% "
+                  f"| {r['peak_gib']:.2f} |")
         print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
                                   else "the phase's process's peak RSS, libraries included") + ")")
     if "c" in parts:
@@ -1942,7 +1947,8 @@ def print_projection(results: dict, meld: Config) -> None:
         "teacher": meld.epochs[0] * (train_steps + eval_steps) / rate["teacher"],
         # the frozen teacher's outputs once, then each student
         "students": (EVAL_STEP_FRACTION * train_steps / rate["teacher"]
-                     + sum(meld.epochs[1] * (train_steps + eval_steps) / rate[p] for p in ("audio", "visual"))),
+                     + sum(meld.epochs[1] * (train_steps + eval_steps) / rate[p]
+                           for p in ("audio", "visual"))),
         # the three frozen encoders over every split once, then the measured fusion epochs
         "fusion": every_step * sum(1 / rate[p] for p in ("teacher", "audio", "visual"))
                   + meld.epochs[2] * results["fusion_epoch_s"],
@@ -2020,15 +2026,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--seed", type=int, default=42)
     demo_cmd.add_argument("--quiet", action="store_true")
     bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
-    bench_cmd.add_argument("--out", default="", help="folder for the clips and caches [default: a temporary one]")
+    bench_cmd.add_argument("--out", default="",
+                           help="folder for the clips and caches [default: a temporary one]")
     bench_cmd.add_argument("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
     bench_cmd.add_argument("--steps", type=int, default=0,
                            help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
                                 f"{BENCH_STEPS['cuda'][1]} on CUDA]")
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
     bench_cmd.add_argument("--threads", type=int, default=0,
-                           help="torch intra-op threads [default: torch's own, one per core]; on a CPU "
-                                "shared with other jobs, 1 avoids threads spinning while they wait for a core")
+                           help="torch intra-op threads [default: torch's own, one per core]; on a "
+                                "shared CPU, 1 avoids threads spinning while they wait for a core")
     for name in ("device", "amp", "workers", "loader_workers", "batch_size"):
         flag = "--" + name.replace("_", "-")
         bench_cmd.add_argument(flag, type=type(getattr(Config, name)), default=argparse.SUPPRESS,
