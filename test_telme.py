@@ -1,5 +1,6 @@
 """Tests for telme.py: CPU only, offline, a few minutes. Run with `bash run.sh test` or `pytest`."""
 import csv
+import dataclasses
 import json
 import wave
 from pathlib import Path
@@ -834,20 +835,15 @@ def test_a_prepare_killed_part_way_resumes_to_the_same_cache(tmp_path):
     assert cache_files(cache) == cache_files(reference)
 
 
-def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch):
+def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, tiny_models):
     """One epoch per phase on a tiny synthetic set: once through the media cache, once decoding
     every clip each time it is read (nothing written to disk); the metrics must be identical."""
     data = telme.synth(tmp_path / "data", dialogues=2, seed=1)
-    corpus = [u.text for utts in telme.load_splits(telme.make_config(data_dir=str(data))).values() for u in utts]
-    models = telme.write_tiny_models(tmp_path / "models", corpus, telme.DEMO["feature_dim"],
-                                     telme.DEMO["image_size"], 8)
-    settings = {**telme.DEMO, "epochs": (1, 1, 1), "max_audio_samples": 16000}
 
     def run(name):
-        cfg = telme.make_config("meld", data_dir=str(data), out=str(tmp_path / name), quiet=True,
-                                cache_dir=str(tmp_path / f"cache-{name}"), workers=1, text_model=models["text"],
-                                audio_model=models["audio"], video_model=models["video"], **settings)
-        return telme.train(cfg)
+        cfg = tiny_config("meld", data, tmp_path, tiny_models, max_audio_samples=16000)
+        return telme.train(dataclasses.replace(cfg, out=str(tmp_path / name),
+                                               cache_dir=str(tmp_path / f"cache-{name}")))
 
     cached = run("cached")
     assert any((tmp_path / "cache-cached").rglob("*.npy"))
