@@ -4,6 +4,7 @@
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
+#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (2 CPU cores: ~15 min)
 #   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
 #   runs/DATASET/summary.json and a table of mean ± std per phase
 #   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
@@ -42,7 +43,7 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (-
   if [[ -n "$GPUS" && -z "${SEEDS:-}" ]]; then
     train=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" telme.py train)
   fi
-  # Decode every clip once into the media cache (all cores; ~1.2 MB per clip).
+  # Decode every clip once into the media cache (all cores; ~1.3 MB per clip, ~18 GB for MELD).
   $PY telme.py prepare --dataset "$dataset" --data-dir "$data" "$@"
   if [[ -z "$SEEDS" ]]; then phases "$dataset" "$data" "$out" "$@"; return; fi
   local runs=() seed
@@ -132,6 +133,12 @@ case "$command" in
     setup_python
     demo ${ARGS[@]+"${ARGS[@]}"}
     ;;
+  bench)
+    setup_python
+    # (a) decode MELD-format clips once, then read them cached; (b) full-size training steps per
+    # phase; (c) a MELD-sized fusion epoch. `--steps N` times more steps, `--parts ac` skips (b).
+    $PY telme.py bench "$@"
+    ;;
   test)
     setup_python
     $PY -m pytest -q test_telme.py "$@"
@@ -160,7 +167,7 @@ dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wa
     recipe iemocap "$IEMOCAP_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
     ;;
   *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac

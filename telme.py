@@ -15,6 +15,7 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
+    python telme.py bench                                   # decoding, cache and training-speed table
 
 Map of the file (paper order):
     Config and presets ............ every flag, with where its value comes from
@@ -26,7 +27,8 @@ Map of the file (paper order):
                                     checkpoints for --resume; DistributedDataParallel under torchrun
     6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict
     7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
-    8. Command line
+    8. Benchmark .................. decoding, the caches and full-size training steps, as a table
+    9. Command line
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ import tempfile
 import time
 import wave
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -696,12 +699,25 @@ def resize_and_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
 
 
 # --- Media cache: every clip decoded once, read back memory-mapped --------------------------------
+# Part of every entry's key: bump it when what an entry holds changes while its settings do not (a
+# new decoder, a new dtype), so that no old entry is read as a new one.
+MEDIA_CACHE_FORMAT = 1
+# Audio is kept as float16: half of float32 like int16, but without int16's clipping of the AAC
+# decoder's overshoots past full scale. Its 11-bit relative precision is below the noise floor of the
+# recordings, and each waveform is normalised to unit variance before the encoder anyway.
+AUDIO_CACHE_DTYPE = np.float16
+# A writer renames its temporary file within seconds; one this old was left by a killed prepare.
+STALE_TEMPORARY_SECONDS = 3600
+
+
 class MediaCache:
     """Decoded audio and frames on disk, one .npy per (file, window, decoding settings).
 
     An entry's key hashes the file's path, size and mtime with the settings, so a changed file or
     setting is decoded again and nothing else is. A clip that cannot be decoded leaves a `.err` file
-    holding the reason, and the utterance trains with that modality marked missing.
+    holding the reason, and the utterance trains with that modality marked missing. Each entry is
+    written atomically, so a prepare that is killed part-way leaves only whole entries and the next
+    one decodes just what is missing.
     """
 
     def __init__(self, cfg: Config):
@@ -712,7 +728,7 @@ class MediaCache:
                           max_samples=cfg.max_audio_samples),
             "video": dict(num_frames=cfg.num_frames, size=cfg.image_size),
         }
-        if cfg.official_long_clips:  # D8, applied in decode_entry; the settings are part of the key
+        if cfg.official_long_clips:  # D8, applied in decode_media; the settings are part of the key
             for settings in self.settings.values():
                 settings["zeros_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
 
@@ -722,7 +738,8 @@ class MediaCache:
             identity = [stat.st_size, stat.st_mtime_ns]
         except OSError:
             identity = None
-        raw = json.dumps([kind, os.path.abspath(path), identity, start, end, self.settings[kind]])
+        raw = json.dumps([MEDIA_CACHE_FORMAT, kind, os.path.abspath(path), identity, start, end,
+                          self.settings[kind]])
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def location(self, kind: str, u: Utterance) -> Path:
@@ -741,59 +758,84 @@ class MediaCache:
             return None
         raise FileNotFoundError(f"{npy}: not in the media cache; run `telme.py prepare` first")
 
-    def missing_jobs(self, utterances: list[Utterance], kinds=("audio", "video")) -> list[tuple]:
-        jobs = {}
+    def missing_jobs(self, utterances: list[Utterance], kinds=("audio", "video")) -> list[list[tuple]]:
+        """One job per utterance that lacks an entry: the entries it lacks (each decoded once)."""
+        jobs, seen = [], set()
         for u in utterances:
+            job = []
             for kind in kinds:
                 base = self.location(kind, u)
-                if not base.with_suffix(".npy").exists() and not base.with_suffix(".err").exists():
+                if (str(base) not in seen and not base.with_suffix(".npy").exists()
+                        and not base.with_suffix(".err").exists()):
+                    seen.add(str(base))
                     path, window = (u.audio, (None, None)) if kind == "audio" else (u.video, (u.start, u.end))
-                    jobs[str(base)] = (kind, path, *window, str(base), self.settings[kind])
-        return list(jobs.values())
+                    job.append((kind, path, *window, str(base), self.settings[kind]))
+            if job:
+                jobs.append(job)
+        return jobs
+
+    def sweep_temporaries(self) -> None:
+        """Delete the partial files that killed writers left behind."""
+        cutoff = time.time() - STALE_TEMPORARY_SECONDS
+        for temporary in self.root.glob("*/*/.*"):
+            try:
+                if temporary.stat().st_mtime < cutoff:
+                    temporary.unlink()
+            except FileNotFoundError:  # its writer finished, or another sweep got there first
+                pass
 
     def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False,
-                kinds=("audio", "video")) -> dict[str, int]:
-        """Decode what is not cached yet, in parallel; returns counts of decoded and failed entries."""
+                kinds=("audio", "video")) -> dict[str, float]:
+        """Decode what is not cached yet, one clip per task, in parallel worker processes; returns
+        counts of cached, decoded and failed entries, and of clips decoded and the seconds taken."""
+        self.sweep_temporaries()
         jobs = self.missing_jobs(utterances, kinds)
-        counts = {"cached": len(utterances) * len(kinds) - len(jobs), "decoded": 0, "failed": 0}
+        entries = sum(len(job) for job in jobs)
+        counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "failed": 0,
+                  "clips": len(jobs), "seconds": 0.0}
+        started = time.perf_counter()
         rank, world = rank_and_world()
         jobs = jobs[rank::world]  # under torchrun each process decodes its share
         if jobs:
             # Every core by default, shared among the processes torchrun started on this machine.
             workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             workers = min(workers, len(jobs))
+            # spawn, not fork: a forked copy of a process that already runs torch threads can hang.
             pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
                                                               initargs=(1,)) if workers > 1 else None)
-            results = pool.imap_unordered(decode_entry, jobs, chunksize=4) if pool else map(decode_entry, jobs)
-            for kind, path, reason in progress(results, "decoding clips", quiet, total=len(jobs),
-                                               unit="clip"):
-                counts["failed" if reason else "decoded"] += 1  # prepare_media lists the faults
+            results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
+            for outcomes in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
+                for kind, path, reason in outcomes:
+                    counts["failed" if reason else "decoded"] += 1  # prepare_media lists the faults
             if pool:
                 pool.close()
                 pool.join()
         # Every process's counts; gathering also waits until every share is on disk.
         for kind in ("decoded", "failed"):
             counts[kind] = sum(gather_objects(counts[kind]))
+        counts["seconds"] = time.perf_counter() - started
         return counts
 
 
-def decode_entry(job: tuple) -> tuple[str, str, str | None]:
-    """Decode one cache entry and write it atomically; runs in a worker process."""
-    kind, path, start, end, base, settings = job
-    try:
-        array = decode_media(kind, path, start, end, settings)
-        atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
-        return kind, path, None
-    except MediaError as error:
-        atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
-        return kind, path, str(error)
+def decode_job(job: list[tuple]) -> list[tuple[str, str, str | None]]:
+    """Decode the missing entries of one clip, each written atomically; runs in a worker process."""
+    outcomes = []
+    for kind, path, start, end, base, settings in job:
+        try:
+            array = decode_media(kind, path, start, end, settings)
+            atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
+            outcomes.append((kind, path, None))
+        except MediaError as error:
+            atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
+            outcomes.append((kind, path, str(error)))
+    return outcomes
 
 
 def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
-    """What the cache holds for one entry (audio as float16, half the disk); predict decodes a new
+    """What the cache holds for one entry (audio as AUDIO_CACHE_DTYPE); predict decodes a new
     clip through here too, so that it sees exactly what training and eval saw."""
     if kind == "audio":
-        array = decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(np.float16)
+        array = decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(AUDIO_CACHE_DTYPE)
     else:
         array = decode_frames(path, settings["num_frames"], settings["size"], start, end)
     limit = settings.get("zeros_beyond_seconds")
@@ -1091,6 +1133,15 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose range is too narrow for small gradients; bf16 needs none."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (for timing only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
 
 def make_runtime(cfg: Config) -> Runtime:
     name = cfg.device
@@ -1192,6 +1243,8 @@ def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed:
     """Batches of cfg.batch_size; under torchrun each process gets its own shard of the dataset
     (shuffled anew each epoch by fit's set_epoch), so the effective batch is world x batch_size."""
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
+    if isinstance(dataset, FeatureDataset):  # tensors in memory: worker processes would only add IPC
+        workers = 0
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     rank, world = rank_and_world()
     # Training shards are disjoint (drop_last: each epoch leaves out at most world-1 random items);
@@ -1401,14 +1454,13 @@ def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str
         with rt.autocast():
             f, z = forward(model, to_device(batch, rt.device))
         indices.append(batch["index"])
-        if f is not None:
-            features.append(f.float().cpu())
-        logits.append(z.float().cpu())
-    features, logits = (torch.cat(features) if features else None), torch.cat(logits)
+        if f is not None:  # kept on the device: one transfer at the end, no host sync per batch
+            features.append(f.float())
+        logits.append(z.float())
+    features, logits = (torch.cat(features).cpu() if features else None), torch.cat(logits).cpu()
     if rank_and_world()[1] > 1:
         features, logits = gather_shards(torch.cat(indices), features, logits, len(loader.dataset))
     return features, logits
-
 
 def gather_shards(indices: torch.Tensor, features, logits, size: int):
     """Every rank's (features, logits) placed at their dataset indices; the repeats that pad the
@@ -1424,16 +1476,33 @@ def gather_shards(indices: torch.Tensor, features, logits, size: int):
     assert seen.all(), "a distributed evaluation missed items"
     return tuple(whole)
 
+def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
+    # fused: one pass over all parameters instead of several. AdamW is memory-bound, and in the
+    # fusion phase (5.3M parameters, batch 4) the optimiser is most of a step's time.
+    return torch.optim.AdamW(params, lr=lr, fused=True)
+
+
+def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
+               rt: Runtime) -> torch.Tensor:
+    """One optimiser step on a batch already on the device; returns the loss, still on the device
+    (reading it would make the host wait for the GPU at every step)."""
+    with rt.autocast():
+        loss = loss_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    clip_and_step(optimizer, scaler, params, cfg)
+    return loss.detach()
+
 
 def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: int, lr: float,
         cfg: Config, rt: Runtime, run: Path) -> dict:
     """Train `model`, evaluate every epoch, keep the epoch with the best dev weighted F1."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = make_optimizer(params, lr)
     steps = len(loaders["train"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(*schedule_lengths(cfg, loaders["train"], epochs)))
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    scaler = rt.grad_scaler()
     classes = EMOTIONS[cfg.dataset]
     best, done = {"dev_wf1": -1.0}, 0
     checkpoint = checkpoint_path(run, phase)
@@ -1448,14 +1517,9 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             loaders["train"].sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
-            batch = to_device(batch, rt.device)
-            with rt.autocast():
-                loss = loss_fn(trained, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            clip_and_step(optimizer, scaler, params, cfg)
+            total_loss += train_step(trained, to_device(batch, rt.device), loss_fn, optimizer, scaler,
+                                     params, cfg, rt)
             schedule.step()
-            total_loss += loss.detach()
         reports = {}
         for split in ("dev", "test"):
             if split in loaders:
@@ -1521,12 +1585,12 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens,
                                                           prompt_speakers(cfg, utts))),
         cfg, rt, collate, shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
+    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt,
+               run)
 
-    def loss_fn(model, batch):
-        _, logits = text_forward(model, batch)
-        return F.cross_entropy(logits.float(), batch["label"])
 
-    return fit("teacher", teacher, loaders, text_forward, loss_fn, cfg.epochs[0], cfg.lr[0], cfg, rt, run)
+def teacher_loss(model, batch):
+    return F.cross_entropy(text_forward(model, batch)[1].float(), batch["label"])
 
 
 def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance]):
@@ -1555,9 +1619,11 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
             continue
         for kind, reason in reasons.items():
             log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} marked missing)")
+    decoded = (f"; {counts['clips']} clips decoded in {counts['seconds']:.0f} s "
+               f"({counts['clips'] / counts['seconds']:.1f} clips/s)" if counts["clips"] else "")
     log(f"media: {len(everything)} utterances, {counts['cached']} entries cached, "
         f"{counts['decoded']} decoded, {sum(faults.values())} faults "
-        f"(audio {faults['audio']}, video {faults['video']})")
+        f"(audio {faults['audio']}, video {faults['video']}){decoded}; cache {media.root}")
     if cfg.strict and sum(faults.values()):
         raise SystemExit(f"telme: {sum(faults.values())} media faults (listed above); "
                          "--strict stops before training")
@@ -1593,15 +1659,19 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
-
-        def loss_fn(model, batch, forward=forward):
-            s_features, s_logits = forward(model, batch)
-            i = batch["index"]
-            return student_loss(s_logits, s_features, t_logits[i], t_features[i], batch["label"], cfg)
-
+        loss_fn = distillation_step_loss(forward, t_features, t_logits, cfg)
         results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
                              cfg, rt, run)
     return results
+
+
+def distillation_step_loss(forward, t_features: torch.Tensor, t_logits: torch.Tensor, cfg: Config):
+    """A student's loss on a batch, against the frozen teacher's outputs for the batch's utterances."""
+    def loss_fn(model, batch):
+        s_features, s_logits = forward(model, batch)
+        i = batch["index"]
+        return student_loss(s_logits, s_features, t_logits[i], t_features[i], batch["label"], cfg)
+    return loss_fn
 
 
 class FeatureDataset(Dataset):
@@ -1657,11 +1727,11 @@ def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
                                   shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
+    return fit("fusion", fusion, loaders, fusion_forward, fusion_loss, cfg.epochs[2], cfg.lr[2], cfg, rt, run)
 
-    def loss_fn(model, batch):
-        return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
 
-    return fit("fusion", fusion, loaders, fusion_forward, loss_fn, cfg.epochs[2], cfg.lr[2], cfg, rt, run)
+def fusion_loss(model, batch):
+    return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
 
 
 def fusion_inputs(outputs: dict) -> dict:
@@ -2398,7 +2468,240 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, 
 
 
 # ==================================================================================================
-# 8. Command line
+# 8. Benchmark: decoding once, the caches, full-size training steps
+# ==================================================================================================
+# MELD's clips (issue 4): 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC.
+BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000)
+# Synthetic footage: a random texture of 64-pixel blocks panning 3 pixels per frame, so that h264
+# has motion to encode as in real footage: about 1.1 MB per clip (16-pixel blocks gave 8 MB).
+BENCH_TEXTURE_BLOCK, BENCH_PAN_PIXELS = 64, 3
+# Teacher prompt length: about the mean padded length of a batch of 4 on MELD train.
+BENCH_TEXT_TOKENS = 160
+# (warm-up steps, timed steps) per phase: a full-size step takes tens of seconds on a CPU.
+BENCH_STEPS = {"cpu": (1, 1), "cuda": (3, 30)}
+# MELD's split sizes (SPEC section 1): the fusion epoch and the projected wall-clock.
+MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
+# A forward-only evaluation batch costs about a third of a training step (forward + backward).
+EVAL_STEP_FRACTION = 1 / 3
+
+
+def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
+    """`count` clips in MELD's format, written with write_clip; one utterance per clip."""
+    rng = np.random.default_rng(seed)
+    width, height, fps, rate = (BENCH_CLIP[k] for k in ("width", "height", "fps", "audio_rate"))
+    utterances = []
+    for i in range(count):
+        seconds = rng.uniform(*BENCH_CLIP["seconds"])
+        frame_count = int(seconds * fps)
+        span = width + BENCH_PAN_PIXELS * frame_count  # the texture pans across this width
+        blocks = rng.integers(0, 256, (-(-height // BENCH_TEXTURE_BLOCK), -(-span // BENCH_TEXTURE_BLOCK), 3),
+                              dtype=np.uint8)
+        texture = blocks.repeat(BENCH_TEXTURE_BLOCK, 0).repeat(BENCH_TEXTURE_BLOCK, 1)
+        frames = np.stack([texture[:height, BENCH_PAN_PIXELS * k:BENCH_PAN_PIXELS * k + width]
+                           for k in range(frame_count)])  # (N, H, W, 3)
+        t = np.arange(int(seconds * rate)) / rate
+        tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.02 * rng.standard_normal(t.size)
+        path = out / f"dia{i}_utt0.mp4"
+        write_clip(path, frames, fps, np.stack([tone, tone]).astype(np.float32), rate)
+        utterances.append(Utterance(dialogue=str(i), speaker="A", text="", label=i % len(EMOTIONS["meld"]),
+                                    video=str(path), audio=str(path)))
+    return utterances
+
+
+def full_size_configs(cfg: Config) -> dict:
+    """The paper's three encoders' architectures, for random weights (nothing is downloaded)."""
+    from transformers import Data2VecAudioConfig, RobertaConfig, TimesformerConfig
+    return {
+        # RoBERTa-large (RobertaConfig's defaults are roberta-base), its vocabulary plus <s1>..<s9>.
+        "text": RobertaConfig(vocab_size=50265 + len(SPEAKER_TOKENS), hidden_size=1024,
+                              num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                              max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+        "audio": Data2VecAudioConfig(mask_time_length=cfg.mask_time_length),  # data2vec-audio-base
+        "video": TimesformerConfig(num_frames=cfg.num_frames, image_size=cfg.image_size),  # -base
+    }
+
+
+def endless(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def bench_phase(job: tuple) -> dict:
+    """Steps/s, share of the time spent waiting for batches, and peak memory of one phase's training
+    step with its full-size model. Runs in a fresh process, so that the peak is this phase's own."""
+    phase, cfg, utterances, warmup, steps, threads = job
+    if threads:
+        torch.set_num_threads(threads)
+    rt = make_runtime(cfg)
+    seed_everything(cfg.seed)
+    configs, classes, n = full_size_configs(cfg), len(EMOTIONS[cfg.dataset]), len(utterances)
+    collate = make_collate(cfg, pad_id=configs["text"].pad_token_id)
+    if phase == "teacher":  # prompts are token ids in memory; the teacher phase opens no media
+        model = TextTeacher(AutoModel.from_config(configs["text"]), classes, cfg.feature_dim)
+        ids = torch.randint(3, configs["text"].vocab_size, (n, BENCH_TEXT_TOKENS)).tolist()
+        dataset, loss_fn = UtteranceDataset(utterances, text_ids=ids), teacher_loss
+    elif phase == "fusion":  # the frozen encoders' features, computed once
+        model = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
+                               cfg.asf_attention)
+        features = {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
+        dataset = FeatureDataset(features | {"label": torch.tensor([u.label for u in utterances])})
+        collate, loss_fn = None, fusion_loss
+    else:  # a student on cached media, against the frozen teacher's precomputed outputs
+        kind, forward = ("audio", audio_forward) if phase == "audio" else ("video", video_forward)
+        model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
+        dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
+        loss_fn = distillation_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
+                                         torch.randn(n, classes, device=rt.device), cfg)
+    model.to(rt.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler()
+    batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
+    waited = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            rt.synchronize()
+            started, cpu_started, waited = time.perf_counter(), time.process_time(), 0.0
+        before = time.perf_counter()
+        batch = to_device(next(batches), rt.device)
+        waited += time.perf_counter() - before
+        train_step(model, batch, loss_fn, optimizer, scaler, params, cfg, rt)
+    rt.synchronize()
+    elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    if rt.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(rt.device)
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"phase": phase, "steps_per_s": steps / elapsed, "cpu_s_per_step": cpu_seconds / steps,
+            "data_share": waited / elapsed,
+            "peak_gib": peak / 2 ** 30, "parameters_m": sum(p.numel() for p in params) / 1e6}
+
+
+def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of one fusion epoch through fit() (train, dev and test) on
+    MELD-sized feature caches."""
+    classes = len(EMOTIONS[cfg.dataset])
+    outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
+               | {"label": torch.randint(classes, (n,))} for split, n in MELD_SIZES.items()}
+    seed_everything(cfg.seed)
+    fusion = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
+                            cfg.asf_attention).to(rt.device)
+    loaders = {split: make_loader(FeatureDataset(out), cfg, rt, None, shuffle=split == "train", seed=cfg.seed)
+               for split, out in outputs.items()}
+    started, cpu_started = time.perf_counter(), time.process_time()
+    fit("fusion", fusion, loaders, fusion_forward, fusion_loss, 1, cfg.lr[2], cfg, rt, run)
+    rt.synchronize()
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0) -> dict:
+    """Print the benchmark table: (a) decoding and the media cache, (b) full-size training steps per
+    phase, (c) a MELD-sized fusion epoch from the feature caches."""
+    if threads:
+        torch.set_num_threads(threads)
+    rt = make_runtime(cfg)
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    # CPU seconds are printed beside wall-clock ones: on a shared machine they show the cost apart
+    # from the wait for a core (the load average says how shared it was).
+    print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}; load average {os.getloadavg()[0]:.1f}")
+    cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
+    utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
+    results = {"device": device}
+    if "a" in parts or "b" in parts:
+        # Decoded twice: by one process (the cost per clip), then as prepare runs (worker processes).
+        single = MediaCache(dataclasses.replace(cfg, cache_dir=str(out / "cache-1-process")))
+        single_seconds = single.prepare(utterances, 1, quiet=True)["seconds"]
+        media = MediaCache(cfg)
+        counts = media.prepare(utterances, cfg.workers, quiet=True)
+        entries = list(media.root.rglob("*.npy"))
+        opened, real_open = [], av.open
+        av.open = lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs)
+        try:  # a cached epoch as a student phase reads it, in this process so that opens are counted
+            loader = make_loader(UtteranceDataset(utterances, media=media, kinds=("audio", "video")),
+                                 dataclasses.replace(cfg, loader_workers=0), rt, make_collate(cfg),
+                                 shuffle=True, seed=cfg.seed)
+            started = time.perf_counter()
+            for _ in loader:
+                pass
+            cached_seconds = time.perf_counter() - started
+        finally:
+            av.open = real_open
+        results["decode"] = {
+            "clips": clips, "workers": min(cfg.workers or os.cpu_count() or 1, clips),
+            "first_pass_clips_per_s": clips / counts["seconds"],
+            "first_pass_one_process_clips_per_s": clips / single_seconds,
+            "cached_clips_per_s": clips / cached_seconds, "mp4_opened_when_cached": len(opened),
+            "cache_bytes_per_clip": sum(p.stat().st_size for p in entries) / clips,
+            "mp4_bytes_per_clip": sum(os.path.getsize(u.video) for u in utterances) / clips}
+        d = results["decode"]
+        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, "
+              f"48 kHz stereo AAC)\n| pass | clips/s | cache MB/clip | mp4 MB/clip | mp4 opens |\n"
+              f"|---|---|---|---|---|\n"
+              f"| first, 1 process | {d['first_pass_one_process_clips_per_s']:.2f} | "
+              f"{d['cache_bytes_per_clip'] / 1e6:.2f} | {d['mp4_bytes_per_clip'] / 1e6:.2f} | every clip |\n"
+              f"| first, `prepare` ({d['workers']} workers, start-up included) | "
+              f"{d['first_pass_clips_per_s']:.2f} | | | every clip |\n"
+              f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | | | "
+              f"{d['mp4_opened_when_cached']} |")
+    if "b" in parts:
+        warmup, timed = BENCH_STEPS["cuda" if rt.device.type == "cuda" else "cpu"]
+        timed = steps or timed
+        results["steps"] = []
+        for phase in ("teacher", "audio", "visual", "fusion"):
+            # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                job = (phase, cfg, utterances, warmup, timed, threads)
+                results["steps"].append(pool.submit(bench_phase, job).result())
+        print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
+              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens)\n"
+              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data "
+              f"| peak memory (GiB) |\n|---|---|---|---|---|---|---|")
+        for r in results["steps"]:
+            print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
+                  f"{1 / r['steps_per_s']:.2f} | {r['cpu_s_per_step']:.2f} | {100 * r['data_share']:.1f}% "
+                  f"| {r['peak_gib']:.2f} |")
+        print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
+                                  else "the phase's process's peak RSS, libraries included") + ")")
+    if "c" in parts:
+        run = out / "fusion-run"
+        run.mkdir(parents=True, exist_ok=True)
+        results["fusion_epoch_s"], cpu_seconds = bench_fusion_epoch(cfg, rt, run)
+        print(f"\n(c) fusion epoch from the feature caches, MELD-sized (train {MELD_SIZES['train']}, dev "
+              f"{MELD_SIZES['dev']}, test {MELD_SIZES['test']}; dim {cfg.feature_dim}; batch "
+              f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s ({cpu_seconds:.1f} CPU s)")
+    if "b" in parts and "c" in parts:
+        print_projection(results, make_config("meld"))
+    return results
+
+
+def print_projection(results: dict, meld: Config) -> None:
+    """The MELD recipe's wall-clock on this device, from the measured steps/s (an estimate)."""
+    rate = {r["phase"]: r["steps_per_s"] for r in results["steps"]}
+    batch = meld.batch_size
+    train_steps = math.ceil(MELD_SIZES["train"] / batch)
+    eval_steps = EVAL_STEP_FRACTION * math.ceil((MELD_SIZES["dev"] + MELD_SIZES["test"]) / batch)
+    every_step = EVAL_STEP_FRACTION * math.ceil(sum(MELD_SIZES.values()) / batch)
+    hours = {
+        "teacher": meld.epochs[0] * (train_steps + eval_steps) / rate["teacher"],
+        # the frozen teacher's outputs once, then each student
+        "students": (EVAL_STEP_FRACTION * train_steps / rate["teacher"]
+                     + sum(meld.epochs[1] * (train_steps + eval_steps) / rate[p]
+                           for p in ("audio", "visual"))),
+        # the three frozen encoders over every split once, then the measured fusion epochs
+        "fusion": every_step * sum(1 / rate[p] for p in ("teacher", "audio", "visual"))
+                  + meld.epochs[2] * results["fusion_epoch_s"],
+    }
+    hours = {phase: seconds / 3600 for phase, seconds in hours.items()}
+    print(f"\nprojected MELD recipe on this device (epochs {meld.epochs}; evaluation batches counted as "
+          f"{EVAL_STEP_FRACTION:.2f} of a step; decoding not included): "
+          + ", ".join(f"{p} {h:.2f} h" for p, h in hours.items()) + f"; total {sum(hours.values()):.2f} h")
+    results["projected_hours"] = hours
+
+
+# ==================================================================================================
+# 9. Command line
 # ==================================================================================================
 def parse_numbers(kind):
     def parse(text: str) -> tuple:
@@ -2502,6 +2805,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
     demo_cmd.add_argument("--seed", type=int, default=42)
     demo_cmd.add_argument("--quiet", action="store_true")
+    bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
+    bench_cmd.add_argument("--out", default="",
+                           help="folder for the clips and caches [default: a temporary one]")
+    bench_cmd.add_argument("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
+    bench_cmd.add_argument("--steps", type=int, default=0,
+                           help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
+                                f"{BENCH_STEPS['cuda'][1]} on CUDA]")
+    bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
+    bench_cmd.add_argument("--threads", type=int, default=0,
+                           help="torch intra-op threads [default: torch's own, one per core]; on a "
+                                "shared CPU, 1 avoids threads spinning while they wait for a core")
+    for name in ("device", "amp", "workers", "loader_workers", "batch_size"):
+        flag = "--" + name.replace("_", "-")
+        bench_cmd.add_argument(flag, type=type(getattr(Config, name)), default=argparse.SUPPRESS,
+                               help=field_docs(Config)[name])
     return parser
 
 
@@ -2543,6 +2861,10 @@ def main(argv=None) -> None:
         args.out = getattr(args, "out", f"runs/{getattr(args, 'dataset', 'meld')}-official")
         run = import_official(config_from_args(args), Path(args.dir), args.fusion_file)
         log(f"telme: imported {args.dir} into {run}; evaluate it with: python telme.py eval --run {run}")
+    elif args.command == "bench":
+        cfg = config_from_args(args)
+        with tempfile.TemporaryDirectory(prefix="telme-bench-") as scratch:
+            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts, args.threads)
     finish_distributed()
 
 

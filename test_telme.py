@@ -1,5 +1,6 @@
 """Tests for telme.py: CPU only, offline, a few minutes. Run with `bash run.sh test` or `pytest`."""
 import csv
+import dataclasses
 import json
 import wave
 from pathlib import Path
@@ -1357,3 +1358,152 @@ def test_dockerfile_pins_the_torch_of_requirements_and_installs_them():
         assert env in dockerfile
     ignored = (here / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "data"} <= set(ignored)
+
+
+# --------------------------------------------------------------------------------------------------
+# Media cache: decode once, resume, invalidate one entry, identical to decoding on the fly
+# --------------------------------------------------------------------------------------------------
+def tiny_clips(folder: Path, count: int, seed: int = 0) -> list:
+    """`count` one-second clips (64x48 video, 48 kHz stereo audio), one utterance each."""
+    rng = np.random.default_rng(seed)
+    utterances = []
+    for i in range(count):
+        frames = rng.integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)
+        tone = np.sin(2 * np.pi * rng.uniform(200, 2000) * np.arange(48000) / 48000)
+        path = folder / f"dia{i}_utt0.mp4"
+        telme.write_clip(path, frames, 8, np.stack([tone, tone]).astype(np.float32))
+        utterances.append(telme.Utterance(str(i), "A", "", 0, str(path), str(path)))
+    return utterances
+
+
+def cache_files(root: Path) -> dict:
+    """Every file under the cache (temporaries included), relative path -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_clip_or_setting_invalidates_only_its_own_entries(tmp_path):
+    utterances = tiny_clips(tmp_path / "clips", 3)
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
+    media = telme.MediaCache(cfg)
+    assert media.prepare(utterances, workers=1, quiet=True)["decoded"] == 6
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")}
+    old_frames = np.array(media.load("video", utterances[1]))
+    # Clip 1 is rewritten (new content, new size and mtime); clips 0 and 2 are untouched.
+    replacement = tiny_clips(tmp_path / "other", 2, seed=7)[1]
+    Path(utterances[1].video).write_bytes(Path(replacement.video).read_bytes())
+    jobs = media.missing_jobs(utterances)
+    assert [[(kind, path) for kind, path, *_ in job] for job in jobs] == [
+        [("audio", utterances[1].audio), ("video", utterances[1].video)]]
+    counts = media.prepare(utterances, workers=1, quiet=True)
+    assert (counts["cached"], counts["decoded"], counts["clips"]) == (4, 2, 1)
+    for path, mtime in before.items():  # nothing already cached was written again
+        assert path.stat().st_mtime_ns == mtime
+    assert not np.array_equal(media.load("video", utterances[1]), old_frames)
+    # A changed decoding setting re-decodes the entries it concerns, here the video ones only.
+    fewer_frames = telme.MediaCache(telme.make_config("meld", cache_dir=cfg.cache_dir, image_size=16,
+                                                      num_frames=2))
+    assert [[kind for kind, *_ in job] for job in fewer_frames.missing_jobs(utterances)] == [["video"]] * 3
+
+
+def test_cached_reads_are_memory_mapped_equal_the_decoder_and_open_no_media(tmp_path, monkeypatch):
+    utterances = tiny_clips(tmp_path / "clips", 2)
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
+    media = telme.MediaCache(cfg)
+    media.prepare(utterances, workers=1, quiet=True)
+    expected = {(kind, i): telme.decode_media(kind, u.video, None, None, media.settings[kind])
+                for kind in ("audio", "video") for i, u in enumerate(utterances)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a cached read opened {args[0]}")
+
+    monkeypatch.setattr(telme.av, "open", refuse)
+    dataset = telme.UtteranceDataset(utterances, media=media, kinds=("audio", "video"))
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for kind in ("audio", "video"):
+            assert isinstance(item[kind], np.memmap)
+            assert item[kind].dtype == expected[kind, i].dtype
+            assert np.array_equal(item[kind], expected[kind, i])
+    assert expected["audio", 0].dtype == np.float16 and expected["video", 0].shape == (4, 16, 16, 3)
+    batch = telme.Collate(num_frames=4, image_size=16)([dataset[0], dataset[1]])
+    assert batch["video"].shape == (2, 4, 3, 16, 16) and not batch["audio_missing"].any()
+
+
+KILLED_PREPARE = """
+import json, os, signal, sys
+import numpy
+import telme
+real_save, calls = numpy.save, []
+def save(f, array):  # the fourth entry: half written, then the process is killed
+    calls.append(1)
+    if len(calls) == 4:
+        f.write(b"\\x93NUMPY partial")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(f, array)
+numpy.save = save
+paths, cache_dir = json.loads(sys.argv[1]), sys.argv[2]
+utterances = [telme.Utterance(str(i), "A", "", 0, p, p) for i, p in enumerate(paths)]
+telme.MediaCache(telme.make_config("meld", cache_dir=cache_dir, image_size=16, num_frames=4)).prepare(
+    utterances, workers=1, quiet=True)
+"""
+
+
+def test_a_prepare_killed_part_way_resumes_to_the_same_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+    utterances = tiny_clips(tmp_path / "clips", 4)
+    settings = dict(image_size=16, num_frames=4)
+    reference = tmp_path / "reference"
+    telme.MediaCache(telme.make_config("meld", cache_dir=str(reference), **settings)).prepare(
+        utterances, workers=1, quiet=True)
+    cache = tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", KILLED_PREPARE, json.dumps([u.video for u in utterances]),
+                             str(cache)], cwd=Path(telme.__file__).parent, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    left = cache_files(cache)
+    temporaries = [p for p in cache.rglob(".*") if p.is_file()]
+    assert len([p for p in left if p.endswith(".npy")]) == 3 and len(temporaries) == 1
+    # The half-written entry is not taken for an entry; it is swept once stale.
+    stale = os.stat(temporaries[0]).st_mtime - telme.STALE_TEMPORARY_SECONDS - 1
+    os.utime(temporaries[0], (stale, stale))
+    counts = telme.MediaCache(telme.make_config("meld", cache_dir=str(cache), **settings)).prepare(
+        utterances, workers=1, quiet=True)
+    assert (counts["cached"], counts["decoded"]) == (3, 5)
+    assert cache_files(cache) == cache_files(reference)
+
+
+def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, tiny_models):
+    """One epoch per phase on a tiny synthetic set: once through the media cache, once decoding
+    every clip each time it is read (nothing written to disk); the metrics must be identical."""
+    data = telme.synth(tmp_path / "data", dialogues=2, seed=1)
+
+    def run(name):
+        cfg = tiny_config("meld", data, tmp_path, tiny_models, max_audio_samples=16000)
+        return telme.train(dataclasses.replace(cfg, out=str(tmp_path / name),
+                                               cache_dir=str(tmp_path / f"cache-{name}")))
+
+    cached = run("cached")
+    assert any((tmp_path / "cache-cached").rglob("*.npy"))
+
+    def decode_on_the_fly(self, kind, u):
+        path, start, end = (u.audio, None, None) if kind == "audio" else (u.video, u.start, u.end)
+        return telme.decode_media(kind, path, start, end, self.settings[kind])
+
+    monkeypatch.setattr(telme.MediaCache, "prepare", lambda self, *args, **kwargs: dict(
+        cached=0, decoded=0, failed=0, clips=0, seconds=0.0))
+    monkeypatch.setattr(telme.MediaCache, "load", decode_on_the_fly)
+    uncached = run("uncached")
+    assert not (tmp_path / "cache-uncached").exists()
+    assert list(cached) == list(telme.PHASES)
+    assert uncached == cached
+
+
+def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
+    cfg = telme.make_config("meld", quiet=True)
+    utterances = [telme.Utterance(str(i), "A", "", i % 7, "unused.mp4", "unused.mp4") for i in range(8)]
+    result = telme.bench_phase(("fusion", cfg, utterances, 1, 2, 0))
+    assert result["phase"] == "fusion" and result["steps_per_s"] > 0 and result["cpu_s_per_step"] > 0
+    assert 0 <= result["data_share"] < 1 and result["peak_gib"] > 0
+    assert abs(result["parameters_m"] - 5.32) < 0.01  # ShiftingFusion at dim 768, 7 classes
