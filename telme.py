@@ -307,21 +307,27 @@ def csv_rows(path: Path, columns: list[str], dialogue_column: str):
         raise DataError(f"{path}:{row_number + 1}: not UTF-8 text") from None
 
 
+def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int:
+    """The row's Emotion as a class index; an unknown label is an error naming the file and row."""
+    emotion = row["Emotion"].strip().lower()
+    if emotion not in classes:
+        raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+    return classes.index(emotion)
+
+
 def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
     csv_name, clip_dir = MELD_SPLITS[split]
     path = data_dir / csv_name
     classes = EMOTIONS["meld"]
     utterances = []
     for row_number, row in csv_rows(path, MELD_REQUIRED, "Dialogue_ID"):
-        emotion = row["Emotion"].strip().lower()
-        if emotion not in classes:
-            raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+        label = row_label(path, row_number, row, classes)
         dialogue = row["Dialogue_ID"].strip()
         clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
             text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
-            label=classes.index(emotion), video=clip, audio=clip))
+            label=label, video=clip, audio=clip))
     if not utterances:
         raise DataError(f"{path}:2: no utterances after the header")
     return utterances
@@ -422,16 +428,14 @@ def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
     classes = EMOTIONS["iemocap"]
     utterances = []
     for row_number, row in csv_rows(path, IEMOCAP_COLUMNS, "Dialogue_ID"):
-        emotion = row["Emotion"].strip().lower()
-        if emotion not in classes:
-            raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
+        label = row_label(path, row_number, row, classes)
         try:
             start, end = float(row["Start_Time"]), float(row["End_Time"])
         except ValueError:
             raise DataError(f"{path}:{row_number}: Start_Time/End_Time are not numbers") from None
         utterances.append(Utterance(
             dialogue=row["Dialogue_ID"].strip(), speaker=iemocap_speaker(row["Speaker"]),
-            text=row["Utterance"].strip(), label=classes.index(emotion),
+            text=row["Utterance"].strip(), label=label,
             video=release_path(data_dir, row["Video_Path"]), audio=release_path(data_dir, row["Wav_Path"]),
             start=start, end=end))
     if not utterances:
