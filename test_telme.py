@@ -1507,3 +1507,26 @@ def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
     assert result["phase"] == "fusion" and result["steps_per_s"] > 0 and result["cpu_s_per_step"] > 0
     assert 0 <= result["data_share"] < 1 and result["peak_gib"] > 0
     assert abs(result["parameters_m"] - 5.32) < 0.01  # ShiftingFusion at dim 768, 7 classes
+
+
+def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path):
+    """--seeds 3 --gpus 2: seeds 42 and 43 on GPUs 0 and 1, then 44 on GPU 0; the summary last."""
+    import subprocess
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "gpu=${{CUDA_VISIBLE_DEVICES:-none}} $*" >> {log}\n'
+                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n')
+    fake.chmod(0o755)
+    (tmp_path / "meld").mkdir()
+    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    runs = tmp_path / "runs"
+    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
+           "TELME_OUT": str(runs)}
+    script = Path(telme.__file__).parent / "run.sh"
+    subprocess.run(["bash", str(script), "meld", "--seeds", "3", "--gpus", "2"], env=env, check=True)
+    calls = log.read_text().splitlines()
+    for seed, gpu in ((42, 0), (43, 1), (44, 0)):
+        mine = [c for c in calls if f"--out {runs}/seed{seed} " in c or c.endswith(f"--run {runs}/seed{seed}")]
+        assert len(mine) == 4 and all(c.startswith(f"gpu={gpu} ") for c in mine), mine
+        assert "--gpus" not in " ".join(mine)
+    assert calls[-1] == f"gpu=none telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43 {runs}/seed44"
