@@ -81,29 +81,18 @@ demo() {  # demo [meld|iemocap]: one demo, or one per seed (--seeds N) and their
 }
 
 # --seeds N (demo, meld, iemocap): N runs with seeds FIRST_SEED.. (the official seed is 42).
-SEEDS="" FIRST_SEED=42 ARGS=()
-take_seeds() {
-  while (($#)); do
-    if [[ "$1" == --seeds ]]; then
-      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --seeds needs a positive count" >&2; exit 2; }
-      SEEDS=$2; shift 2
-    else
-      ARGS+=("$1"); shift
-    fi
-  done
-}
-
 # --gpus G: with --seeds, the per-seed runs go G at a time, the k-th of a round on GPU k
 # (CUDA_VISIBLE_DEVICES), each logging to a file; the summary waits for all of them.
-GPUS="" GPU_PIDS=() GPU_ARGS=()
-take_gpus() {  # take_gpus ARGS...: sets GPUS from --gpus G and GPU_ARGS to the other arguments
+SEEDS="" FIRST_SEED=42 GPUS="" GPU_PIDS=() ARGS=()
+take_counts() {  # take_counts ARGS...: SEEDS and GPUS from --seeds N and --gpus G, ARGS the rest
   while (($#)); do
-    if [[ "$1" == --gpus ]]; then
-      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus needs a positive count" >&2; exit 2; }
-      GPUS=$2; shift 2
-    else
-      GPU_ARGS+=("$1"); shift
-    fi
+    case "$1" in
+      --seeds | --gpus)
+        [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: $1 needs a positive count" >&2; exit 2; }
+        if [[ "$1" == --seeds ]]; then SEEDS=$2; else GPUS=$2; fi
+        shift 2 ;;
+      *) ARGS+=("$1"); shift ;;
+    esac
   done
 }
 
@@ -129,7 +118,7 @@ command=${1:-help}
 shift || true
 case "$command" in
   demo)
-    take_seeds "$@"
+    take_counts "$@"
     setup_python
     demo ${ARGS[@]+"${ARGS[@]}"}
     ;;
@@ -150,10 +139,9 @@ case "$command" in
 train/dev/test tarballs inside). Set MELD_DIR (default data/MELD.Raw) to the folder holding
 train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv, train_splits/, dev_splits_complete/
 and output_repeated_splits_test/."
-    take_seeds "$@"
-    take_gpus ${ARGS[@]+"${ARGS[@]}"}
+    take_counts "$@"
     setup_python
-    recipe meld "$MELD_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
+    recipe meld "$MELD_DIR" ${ARGS[@]+"${ARGS[@]}"}
     ;;
   iemocap)
     IEMOCAP_DIR=${IEMOCAP_DIR:-data/IEMOCAP_full_release}
@@ -161,10 +149,9 @@ and output_repeated_splits_test/."
       "IEMOCAP is licensed on request from https://sail.usc.edu/iemocap/. Set IEMOCAP_DIR (default
 data/IEMOCAP_full_release) to the folder holding Session1/ ... Session5/, each with
 dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wav/."
-    take_seeds "$@"
-    take_gpus ${ARGS[@]+"${ARGS[@]}"}
+    take_counts "$@"
     setup_python
-    recipe iemocap "$IEMOCAP_DIR" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
+    recipe iemocap "$IEMOCAP_DIR" ${ARGS[@]+"${ARGS[@]}"}
     ;;
   *)
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
