@@ -55,7 +55,7 @@ import wave
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 import torchaudio
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -539,7 +539,7 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
     for dialogue in dialogues(utterances):
         speakers = [SPEAKER_TOKENS[i] for i in speaker_ids[first:first + len(dialogue)]]
         first += len(dialogue)
-        for k, u in enumerate(dialogue):
+        for k in range(len(dialogue)):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
             prompt = f"{history} {tokenizer.sep_token} Now {speakers[k]} feels"
             tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -809,7 +809,7 @@ class MediaCache:
                                                               initargs=(1,)) if workers > 1 else None)
             results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
             for outcomes in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
-                for kind, path, reason in outcomes:
+                for *_, reason in outcomes:
                     counts["failed" if reason else "decoded"] += 1  # prepare_media lists the faults
             if pool:
                 pool.close()
@@ -830,8 +830,9 @@ def decode_job(job: list[tuple]) -> list[tuple[str, str, str | None]]:
             atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
             outcomes.append((kind, path, None))
         except MediaError as error:
-            atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
-            outcomes.append((kind, path, str(error)))
+            reason = str(error)
+            atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(reason.encode()))
+            outcomes.append((kind, path, reason))
     return outcomes
 
 

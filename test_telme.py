@@ -131,7 +131,7 @@ def roberta_style_tokenizer():
 
 @pytest.fixture
 def meld_fixture(tmp_path):
-    for split, (csv_name, _) in telme.MELD_SPLITS.items():
+    for csv_name, _ in telme.MELD_SPLITS.values():
         write_meld_csv(tmp_path / csv_name, FIXTURE_ROWS)
     return tmp_path
 
@@ -268,7 +268,7 @@ def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
     out, results = demo_run
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
-    for phase, m in metrics.items():
+    for m in metrics.values():
         assert {"dev_wf1", "test_wf1", "best_epoch", "per_class", "confusion"} <= set(m)
         assert set(m["per_class"]["test"]) == set(telme.EMOTIONS["meld"])
         assert {"precision", "recall", "f1", "support"} == set(m["per_class"]["test"]["joy"])
@@ -546,7 +546,7 @@ def test_media_faults_are_logged_counted_and_marked_missing(tmp_path, faulty_mel
         lines = capsys.readouterr().out.splitlines()
         faults = [line for line in lines if line.startswith("media fault: ")]
         assert len(faults) == 2 * 4, attempt  # one line per faulty utterance, both splits
-        for u, fault in enumerate(MELD_FAULTS[1:5], start=1):
+        for u in range(1, 5):  # the four faulty clips of MELD_FAULTS[1:5]
             line = [f for f in faults if f"train_splits/dia0_utt{u}.mp4: " in f]
             assert len(line) == 1
         assert "file not found (audio and video marked missing)" in "\n".join(faults)
