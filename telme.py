@@ -1428,7 +1428,13 @@ def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
 VIDEOMAE_IMAGE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def make_collate(cfg: Config, pad_id: int = 0, image_stats=((0.45,) * 3, (0.225,) * 3)) -> Collate:
+# TimeSformer-base's own processor statistics: the stand-in where no video model is loaded
+# (the teacher phase, audio-only batches), so that frames are never normalised by accident.
+TIMESFORMER_IMAGE_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
+
+
+def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
+    image_stats = image_stats or TIMESFORMER_IMAGE_STATS
     if cfg.official_frames:
         image_stats = VIDEOMAE_IMAGE_STATS  # D7
     return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
@@ -1660,7 +1666,7 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         save_encoder_config(run, kind, encoder, image_stats)
         student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]),
                                 cfg.official_audio_pooling).to(rt.device)
-        collate = make_collate(cfg, image_stats=image_stats or ((0.45,) * 3, (0.225,) * 3))
+        collate = make_collate(cfg, image_stats=image_stats)
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
@@ -2081,8 +2087,7 @@ def predict(run: Path, text: str, video: str | None = None, audio: str | None = 
     turns = [*history, (speaker, text)]
     utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
     item["input_ids"] = teacher_input_ids(utterances, tokenizer, cfg.max_text_tokens)[-1]
-    image_stats = (image_statistics(str(encoder_dir(run, "video"))) if "visual" in trained
-                   else ((0.45,) * 3, (0.225,) * 3))
+    image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in trained else None
     batch = to_device(make_collate(cfg, tokenizer.pad_token_id, image_stats)([item]), rt.device)
     features, logits = {}, {}
     with torch.no_grad():
