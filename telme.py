@@ -38,6 +38,7 @@ import csv
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import multiprocessing
@@ -100,6 +101,8 @@ class Config:
     """AdamW learning rate of the teacher, student and fusion phases; one number sets all three (official code)"""
     batch_size: int = 4
     """utterances per optimiser step, every phase (official code)"""
+    eval_batch_size: int = 16
+    """utterances per forward-only batch (evaluation, frozen outputs); audio and D2 keep batch_size"""
     seed: int = 42
     """seed for python, numpy, torch and the data order (official code)"""
     device: str = "auto"
@@ -1256,10 +1259,23 @@ def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed:
     # evaluation shards are padded with repeats to equal length, and run_model drops the repeats.
     sampler = (DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
                if world > 1 else None)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None,
+    return DataLoader(dataset, batch_size=loader_batch_size(dataset, cfg, shuffle),
+                      shuffle=shuffle and sampler is None,
                       sampler=sampler, collate_fn=collate, num_workers=workers,
                       pin_memory=rt.device.type == "cuda", generator=generator,
                       persistent_workers=workers > 0)
+
+
+def loader_batch_size(dataset, cfg: Config, training: bool) -> int:
+    """cfg.batch_size for training; for forward-only passes, cfg.eval_batch_size where an item's
+    output does not depend on its batch mates. Audio keeps batch_size: the padding to the batch's
+    longest clip reaches the last real frames through data2vec's stacked positional convolutions,
+    so F_A depends on the batch as in the official evaluation. So does the fusion under D2."""
+    if training or "audio" in getattr(dataset, "kinds", ()):
+        return cfg.batch_size
+    if isinstance(dataset, FeatureDataset) and cfg.asf_attention == "batch":
+        return cfg.batch_size
+    return cfg.eval_batch_size
 
 
 # --- The run directory: everything a later phase, eval or predict needs -------------------------
@@ -2487,12 +2503,13 @@ BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate
 BENCH_TEXTURE_BLOCK, BENCH_PAN_PIXELS = 64, 3
 # Teacher prompt length: about the mean padded length of a batch of 4 on MELD train.
 BENCH_TEXT_TOKENS = 160
-# (warm-up steps, timed steps) per phase: a full-size step takes tens of seconds on a CPU.
-BENCH_STEPS = {"cpu": (1, 1), "cuda": (3, 30)}
+# (warm-up, timed) training steps and forward-only batches per phase: a full-size step takes tens of
+# seconds on a CPU. On a GPU the first steps of each new clip length pay for cuDNN plans and the
+# allocator's growth (~4x a steady step), so the warm-up spans every clip length of the bench set.
+BENCH_STEPS = {"cpu": (1, 1), "cuda": (30, 50)}
+BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (5, 20)}
 # MELD's split sizes (SPEC section 1): the fusion epoch and the projected wall-clock.
 MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
-# A forward-only evaluation batch costs about a third of a training step (forward + backward).
-EVAL_STEP_FRACTION = 1 / 3
 
 
 def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
@@ -2537,25 +2554,30 @@ def endless(loader: DataLoader):
 
 
 def bench_phase(job: tuple) -> dict:
-    """Steps/s, share of the time spent waiting for batches, and peak memory of one phase's training
-    step with its full-size model. Runs in a fresh process, so that the peak is this phase's own."""
-    phase, cfg, utterances, warmup, steps, threads = job
+    """Steps/s, share of the time spent waiting for batches and peak memory of one phase's training
+    step with its full-size model, then its forward-only batches/s. Runs in a fresh process, so that
+    the peak is this phase's own."""
+    phase, cfg, utterances, (warmup, steps), (eval_warmup, eval_batches), threads = job
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     seed_everything(cfg.seed)
+    # The clips repeated, so that one pass of the loader spans the timed steps (as in a MELD epoch,
+    # whose 2497 steps pay for starting the loader's workers once).
+    needed = max((warmup + steps) * cfg.batch_size, (eval_warmup + eval_batches) * cfg.eval_batch_size)
+    utterances = utterances * -(-needed // len(utterances))
     configs, classes, n = full_size_configs(cfg), len(EMOTIONS[cfg.dataset]), len(utterances)
     collate = make_collate(cfg, pad_id=configs["text"].pad_token_id)
     if phase == "teacher":  # prompts are token ids in memory; the teacher phase opens no media
         model = TextTeacher(AutoModel.from_config(configs["text"]), classes, cfg.feature_dim)
         ids = torch.randint(3, configs["text"].vocab_size, (n, BENCH_TEXT_TOKENS)).tolist()
-        dataset, loss_fn = UtteranceDataset(utterances, text_ids=ids), teacher_loss
+        dataset, forward, loss_fn = UtteranceDataset(utterances, text_ids=ids), text_forward, teacher_loss
     elif phase == "fusion":  # the frozen encoders' features, computed once
         model = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
                                cfg.asf_attention)
         features = {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
         dataset = FeatureDataset(features | {"label": torch.tensor([u.label for u in utterances])})
-        collate, loss_fn = None, fusion_loss
+        collate, forward, loss_fn = None, fusion_forward, fusion_loss
     else:  # a student on cached media, against the frozen teacher's precomputed outputs
         kind, forward = ("audio", audio_forward) if phase == "audio" else ("video", video_forward)
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
@@ -2577,13 +2599,26 @@ def bench_phase(job: tuple) -> dict:
         train_step(model, batch, loss_fn, optimizer, scaler, params, cfg, rt)
     rt.synchronize()
     elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
+    model.eval()
+    loader = make_loader(dataset, cfg, rt, collate, shuffle=False)
+    with torch.no_grad():
+        for i, batch in enumerate(itertools.islice(loader, eval_warmup + eval_batches)):
+            if i == eval_warmup:
+                rt.synchronize()
+                eval_started = time.perf_counter()
+            with rt.autocast():
+                forward(model, to_device(batch, rt.device))
+    rt.synchronize()
+    eval_elapsed = time.perf_counter() - eval_started
     if rt.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(rt.device)
     else:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"phase": phase, "steps_per_s": steps / elapsed, "cpu_s_per_step": cpu_seconds / steps,
-            "data_share": waited / elapsed,
+            "data_share": waited / elapsed, "eval_batch": loader.batch_size,
+            "eval_batches_per_s": eval_batches / eval_elapsed,
             "peak_gib": peak / 2 ** 30, "parameters_m": sum(p.numel() for p in params) / 1e6}
 
 
@@ -2656,22 +2691,24 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
               f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | | | "
               f"{d['mp4_opened_when_cached']} |")
     if "b" in parts:
-        warmup, timed = BENCH_STEPS["cuda" if rt.device.type == "cuda" else "cpu"]
+        kind = "cuda" if rt.device.type == "cuda" else "cpu"
+        warmup, timed = BENCH_STEPS[kind]
         timed = steps or timed
         results["steps"] = []
         for phase in ("teacher", "audio", "visual", "fusion"):
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                job = (phase, cfg, utterances, warmup, timed, threads)
+                job = (phase, cfg, utterances, (warmup, timed), BENCH_EVAL_BATCHES[kind], threads)
                 results["steps"].append(pool.submit(bench_phase, job).result())
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
-              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens)\n"
+              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens); "
+              f"forward-only batches as evaluation runs them\n"
               f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data "
-              f"| peak memory (GiB) |\n|---|---|---|---|---|---|---|")
+              f"| peak memory (GiB) | eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|")
         for r in results["steps"]:
             print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
-                  f"{1 / r['steps_per_s']:.2f} | {r['cpu_s_per_step']:.2f} | {100 * r['data_share']:.1f}% "
-                  f"| {r['peak_gib']:.2f} |")
+                  f"{1 / r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.3f} | {100 * r['data_share']:.1f}% "
+                  f"| {r['peak_gib']:.2f} | {r['eval_batch']} | {r['eval_batches_per_s']:.3f} |")
         print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
                                   else "the phase's process's peak RSS, libraries included") + ")")
     if "c" in parts:
@@ -2687,26 +2724,31 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
 
 
 def print_projection(results: dict, meld: Config) -> None:
-    """The MELD recipe's wall-clock on this device, from the measured steps/s (an estimate)."""
+    """The MELD recipe's wall-clock on this device, from the measured rates (an estimate)."""
     rate = {r["phase"]: r["steps_per_s"] for r in results["steps"]}
-    batch = meld.batch_size
-    train_steps = math.ceil(MELD_SIZES["train"] / batch)
-    eval_steps = EVAL_STEP_FRACTION * math.ceil((MELD_SIZES["dev"] + MELD_SIZES["test"]) / batch)
-    every_step = EVAL_STEP_FRACTION * math.ceil(sum(MELD_SIZES.values()) / batch)
-    hours = {
-        "teacher": meld.epochs[0] * (train_steps + eval_steps) / rate["teacher"],
-        # the frozen teacher's outputs once, then each student
-        "students": (EVAL_STEP_FRACTION * train_steps / rate["teacher"]
-                     + sum(meld.epochs[1] * (train_steps + eval_steps) / rate[p]
-                           for p in ("audio", "visual"))),
+    forward_rate = {r["phase"]: r["eval_batches_per_s"] for r in results["steps"]}
+    forward_batch = {r["phase"]: r["eval_batch"] for r in results["steps"]}
+
+    def forward_seconds(phase: str, splits) -> float:  # one forward-only pass over these splits
+        return sum(math.ceil(MELD_SIZES[s] / forward_batch[phase]) for s in splits) / forward_rate[phase]
+
+    def epoch_seconds(phase: str) -> float:  # train, then evaluate on dev and test
+        train_steps = math.ceil(MELD_SIZES["train"] / meld.batch_size)
+        return train_steps / rate[phase] + forward_seconds(phase, ("dev", "test"))
+
+    seconds = {
+        "teacher": meld.epochs[0] * epoch_seconds("teacher"),
+        # the frozen teacher's outputs on train once, then each student
+        "students": forward_seconds("teacher", ("train",))
+                    + meld.epochs[1] * (epoch_seconds("audio") + epoch_seconds("visual")),
         # the three frozen encoders over every split once, then the measured fusion epochs
-        "fusion": every_step * sum(1 / rate[p] for p in ("teacher", "audio", "visual"))
+        "fusion": sum(forward_seconds(p, MELD_SIZES) for p in ("teacher", "audio", "visual"))
                   + meld.epochs[2] * results["fusion_epoch_s"],
     }
-    hours = {phase: seconds / 3600 for phase, seconds in hours.items()}
-    print(f"\nprojected MELD recipe on this device (epochs {meld.epochs}; evaluation batches counted as "
-          f"{EVAL_STEP_FRACTION:.2f} of a step; decoding not included): "
-          + ", ".join(f"{p} {h:.2f} h" for p, h in hours.items()) + f"; total {sum(hours.values()):.2f} h")
+    hours = {phase: value / 3600 for phase, value in seconds.items()}
+    print(f"\nprojected MELD recipe on this device (epochs {meld.epochs}, batch {meld.batch_size}; "
+          f"decoding not included): " + ", ".join(f"{p} {h:.2f} h" for p, h in hours.items())
+          + f"; total {sum(hours.values()):.2f} h")
     results["projected_hours"] = hours
 
 
@@ -2826,7 +2868,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--threads", type=int, default=0,
                            help="torch intra-op threads [default: torch's own, one per core]; on a "
                                 "shared CPU, 1 avoids threads spinning while they wait for a core")
-    for name in ("device", "amp", "workers", "loader_workers", "batch_size"):
+    for name in ("device", "amp", "workers", "loader_workers", "batch_size", "eval_batch_size"):
         flag = "--" + name.replace("_", "-")
         bench_cmd.add_argument(flag, type=type(getattr(Config, name)), default=argparse.SUPPRESS,
                                help=field_docs(Config)[name])

@@ -1503,10 +1503,38 @@ def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, 
 def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
     cfg = telme.make_config("meld", quiet=True)
     utterances = [telme.Utterance(str(i), "A", "", i % 7, "unused.mp4", "unused.mp4") for i in range(8)]
-    result = telme.bench_phase(("fusion", cfg, utterances, 1, 2, 0))
+    result = telme.bench_phase(("fusion", cfg, utterances, (1, 2), (1, 2), 0))
     assert result["phase"] == "fusion" and result["steps_per_s"] > 0 and result["cpu_s_per_step"] > 0
     assert 0 <= result["data_share"] < 1 and result["peak_gib"] > 0
     assert abs(result["parameters_m"] - 5.32) < 0.01  # ShiftingFusion at dim 768, 7 classes
+    assert result["eval_batch"] == cfg.eval_batch_size and result["eval_batches_per_s"] > 0
+
+
+def test_projection_adds_up_the_measured_rates_over_the_meld_recipe(capsys):
+    """One step per second everywhere, forward-only batches of 16 at 2 per second, a 60 s fusion
+    epoch: the hours follow from MELD's split sizes and the preset's epochs alone."""
+    steps = [{"phase": p, "steps_per_s": 1.0, "eval_batches_per_s": 2.0, "eval_batch": 16}
+             for p in ("teacher", "audio", "visual", "fusion")]
+    results = {"steps": steps, "fusion_epoch_s": 60.0}
+    telme.print_projection(results, telme.make_config("meld"))
+    train, dev_test = 2498, 70 + 164  # ceil(9989 / 4); ceil(1109 / 16) + ceil(2610 / 16)
+    epoch = train + dev_test / 2
+    expected = {"teacher": 10 * epoch, "students": 625 / 2 + 10 * 2 * epoch,
+                "fusion": 3 * (625 + dev_test) / 2 + 10 * 60}
+    for phase, seconds in expected.items():
+        assert results["projected_hours"][phase] == pytest.approx(seconds / 3600)
+    assert f"total {sum(expected.values()) / 3600:.2f} h" in capsys.readouterr().out
+
+
+def test_forward_only_batches_are_larger_only_where_batch_mates_cannot_change_an_output():
+    cfg = telme.make_config("meld", batch_size=4, eval_batch_size=16)
+    text, audio = telme.UtteranceDataset([], text_ids=[]), telme.UtteranceDataset([], kinds=("audio",))
+    video, features = telme.UtteranceDataset([], kinds=("video",)), telme.FeatureDataset({"label": []})
+    datasets = (text, audio, video, features)
+    assert [telme.loader_batch_size(d, cfg, training=True) for d in datasets] == [4, 4, 4, 4]
+    assert [telme.loader_batch_size(d, cfg, training=False) for d in datasets] == [16, 4, 16, 16]
+    d2 = dataclasses.replace(cfg, asf_attention="batch")  # D2: a sample's output depends on its batch
+    assert telme.loader_batch_size(features, d2, training=False) == 4
 
 
 def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path):
