@@ -109,6 +109,8 @@ class Config:
     """auto (cuda when present, else cpu), cpu, cuda, cuda:N"""
     amp: str = "bf16"
     """autocast on CUDA: bf16, fp16 (with a gradient scaler) or off; always off on a CPU"""
+    compile: bool = False
+    """torch.compile each phase's training step (inductor): minutes to compile, then less host time per step"""
     max_text_tokens: int = 512
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
@@ -1538,6 +1540,8 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                                         loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
     trained = data_parallel(model, rt)
+    if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
+        trained = torch.compile(trained)
     for epoch in range(done + 1, epochs + 1):
         model.train()
         if isinstance(loaders["train"].sampler, DistributedSampler):
@@ -2585,6 +2589,7 @@ def bench_phase(job: tuple) -> dict:
         loss_fn = distillation_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
                                          torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
+    trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler()
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
@@ -2596,7 +2601,7 @@ def bench_phase(job: tuple) -> dict:
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
-        train_step(model, batch, loss_fn, optimizer, scaler, params, cfg, rt)
+        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt)
     rt.synchronize()
     elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
@@ -2761,10 +2766,13 @@ def parse_numbers(kind):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, its docstring as help; unset flags keep the preset's value."""
+def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
+    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep
+    the preset's value."""
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=docs[f.name])
@@ -2868,10 +2876,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--threads", type=int, default=0,
                            help="torch intra-op threads [default: torch's own, one per core]; on a "
                                 "shared CPU, 1 avoids threads spinning while they wait for a core")
-    for name in ("device", "amp", "workers", "loader_workers", "batch_size", "eval_batch_size"):
-        flag = "--" + name.replace("_", "-")
-        bench_cmd.add_argument(flag, type=type(getattr(Config, name)), default=argparse.SUPPRESS,
-                               help=field_docs(Config)[name])
+    add_config_flags(bench_cmd, ("device", "amp", "compile", "workers", "loader_workers", "batch_size",
+                                 "eval_batch_size"))
     return parser
 
 

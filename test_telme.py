@@ -1510,6 +1510,38 @@ def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
     assert result["eval_batch"] == cfg.eval_batch_size and result["eval_batches_per_s"] > 0
 
 
+def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
+    """--compile changes how a training step runs, not what it computes: one epoch of the fusion
+    gives the same weights up to float rounding (which Adam's normalised steps amplify to ~1e-4 on
+    near-zero gradients; training moved the weights by over 1e-3), saved under the module's own
+    parameter names. Dropout is off: compiled code draws its dropout masks differently."""
+    cfg = telme.make_config("meld", quiet=True, feature_dim=16, heads=2, dropout=0.0)
+    rt = telme.make_runtime(cfg)
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return ({k: torch.randn(n, 16, generator=generator) for k in ("f_teacher", "f_audio", "f_visual")}
+                | {"label": torch.randint(7, (n,), generator=generator)})
+
+    outputs = {"train": split(32), "dev": split(8), "test": split(8)}
+    weights = {}
+    for compiled in (False, True):
+        run_cfg = dataclasses.replace(cfg, compile=compiled)
+        run = tmp_path / f"compile-{compiled}"
+        run.mkdir()
+        telme.seed_everything(cfg.seed)
+        fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
+        initial = {k: v.clone() for k, v in fusion.state_dict().items()}
+        loaders = {s: telme.make_loader(telme.FeatureDataset(out), run_cfg, rt, None, shuffle=s == "train",
+                                        seed=cfg.seed) for s, out in outputs.items()}
+        telme.fit("fusion", fusion, loaders, telme.fusion_forward, telme.fusion_loss, 1, 1e-3, run_cfg, rt, run)
+        weights[compiled] = telme.load_file(telme.weights_path(run, "fusion"))
+    assert weights[True].keys() == weights[False].keys() == initial.keys()
+    assert max((w - initial[k]).abs().max() for k, w in weights[False].items()) > 1e-3  # it trained
+    for name, eager in weights[False].items():
+        torch.testing.assert_close(weights[True][name], eager, rtol=1e-3, atol=2e-4)
+
+
 def test_projection_adds_up_the_measured_rates_over_the_meld_recipe(capsys):
     """One step per second everywhere, forward-only batches of 16 at 2 per second, a 60 s fusion
     epoch: the hours follow from MELD's split sizes and the preset's epochs alone."""
