@@ -1510,6 +1510,7 @@ def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
     assert result["eval_batch"] == cfg.eval_batch_size and result["eval_batches_per_s"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
 def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
     """--compile changes how a training step runs, not what it computes: one epoch of the fusion
     gives the same weights up to float rounding (which Adam's normalised steps amplify to ~1e-4 on
