@@ -1272,7 +1272,8 @@ def loader_batch_size(dataset, cfg: Config, training: bool) -> int:
     """cfg.batch_size for training; for forward-only passes, cfg.eval_batch_size where an item's
     output does not depend on its batch mates. Audio keeps batch_size: the padding to the batch's
     longest clip reaches the last real frames through data2vec's stacked positional convolutions,
-    so F_A depends on the batch as in the official evaluation. So does the fusion under D2."""
+    so F_A depends on the batch; evaluated in training-size batches, it stays as trained. So does
+    the fusion's output under D2."""
     if training or "audio" in getattr(dataset, "kinds", ()):
         return cfg.batch_size
     if isinstance(dataset, FeatureDataset) and cfg.asf_attention == "batch":
