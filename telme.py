@@ -2655,8 +2655,10 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     # CPU seconds are printed beside wall-clock ones: on a shared machine they show the cost apart
     # from the wait for a core (the load average says how shared it was).
+    started = time.perf_counter()
     print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}; load average {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
     utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
     results = {"device": device}
@@ -2726,6 +2728,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
               f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s ({cpu_seconds:.1f} CPU s)")
     if "b" in parts and "c" in parts:
         print_projection(results, make_config("meld"))
+    print(f"\nbench: {time.perf_counter() - started:.0f} s in all")
     return results
 
 
