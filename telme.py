@@ -2675,10 +2675,10 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
             loader = make_loader(UtteranceDataset(utterances, media=media, kinds=("audio", "video")),
                                  dataclasses.replace(cfg, loader_workers=0), rt, make_collate(cfg),
                                  shuffle=True, seed=cfg.seed)
-            started = time.perf_counter()
+            cached_started = time.perf_counter()
             for _ in loader:
                 pass
-            cached_seconds = time.perf_counter() - started
+            cached_seconds = time.perf_counter() - cached_started
         finally:
             av.open = real_open
         results["decode"] = {
