@@ -1128,6 +1128,11 @@ class ShiftingFusion(nn.Module):
         return self.classifier(z)
 
 
+def build_fusion(cfg: Config) -> ShiftingFusion:
+    return ShiftingFusion(cfg.feature_dim, len(EMOTIONS[cfg.dataset]), cfg.heads, cfg.dropout, cfg.theta,
+                          cfg.asf_attention)
+
+
 # ==================================================================================================
 # 5. Training: teacher, then the students, then the fusion (paper, section 3.5)
 # ==================================================================================================
@@ -1604,6 +1609,12 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance]) -> UtteranceDataset:
+    """Each utterance's dialogue prompt as token ids, with the speaker indexing cfg asks for."""
+    return UtteranceDataset(utterances, text_ids=teacher_input_ids(
+        utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)))
+
+
 def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     """Phase 1: fine-tune the text encoder on the dialogue prompt with cross-entropy."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
@@ -1613,10 +1624,8 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     save_encoder_config(run, "text", encoder, tokenizer)
     teacher = TextTeacher(encoder, len(EMOTIONS[cfg.dataset]), cfg.feature_dim).to(rt.device)
     collate = make_collate(cfg, pad_id=tokenizer.pad_token_id)
-    loaders = {split: make_loader(
-        UtteranceDataset(utts, text_ids=teacher_input_ids(utts, tokenizer, cfg.max_text_tokens,
-                                                          prompt_speakers(cfg, utts))),
-        cfg, rt, collate, shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
+    loaders = {split: make_loader(teacher_dataset(cfg, tokenizer, utts), cfg, rt, collate,
+                                  shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
     return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt,
                run)
 
@@ -1629,9 +1638,8 @@ def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Uttera
     """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
     what a teacher run at every student step would give."""
     teacher, tokenizer = load_teacher(run, cfg, rt)
-    dataset = UtteranceDataset(utterances, text_ids=teacher_input_ids(
-        utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)))
-    loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
+    loader = make_loader(teacher_dataset(cfg, tokenizer, utterances), cfg, rt,
+                         make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
     return run_model(teacher, loader, text_forward, rt, cfg.quiet, "teacher outputs")
 
 
@@ -1734,9 +1742,7 @@ def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
         model = teacher if phase == "teacher" else load_student(
             run, "audio" if phase == "audio" else "video", cfg, rt)
         for split, utts in splits.items():
-            dataset = (UtteranceDataset(utts, text_ids=teacher_input_ids(
-                           utts, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utts)))
-                       if phase == "teacher" else
+            dataset = (teacher_dataset(cfg, tokenizer, utts) if phase == "teacher" else
                        UtteranceDataset(utts, media=media, kinds=("audio" if phase == "audio" else "video",)))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
                                  shuffle=False)
@@ -1754,8 +1760,7 @@ def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen)."""
     outputs = frozen_outputs(cfg, rt, run, splits)
     seed_everything(cfg.seed)
-    fusion = ShiftingFusion(cfg.feature_dim, len(EMOTIONS[cfg.dataset]), cfg.heads, cfg.dropout,
-                            cfg.theta, cfg.asf_attention).to(rt.device)
+    fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
                                   shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
@@ -1893,8 +1898,7 @@ def trained_phases(run: Path) -> list[str]:
 
 
 def load_fusion(run: Path, cfg: Config, rt: Runtime) -> ShiftingFusion:
-    fusion = ShiftingFusion(cfg.feature_dim, len(EMOTIONS[cfg.dataset]), cfg.heads, cfg.dropout,
-                            cfg.theta, cfg.asf_attention)
+    fusion = build_fusion(cfg)
     load_weights(fusion, weights_path(run, "fusion"))
     return fusion.to(rt.device).eval()
 
@@ -1906,9 +1910,8 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
         teacher, tokenizer = load_teacher(run, cfg, rt)
         outputs = {}
         for s, utts in splits.items():
-            dataset = UtteranceDataset(utts, text_ids=teacher_input_ids(
-                utts, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utts)))
-            loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
+            loader = make_loader(teacher_dataset(cfg, tokenizer, utts), cfg, rt,
+                                 make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
             outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, cfg.quiet, s)[1],
                           "label": torch.tensor([u.label for u in utts])}
     else:
@@ -2266,8 +2269,7 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
         models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
                   "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
                   "visual": build_student("video", encoders["video"], classes),
-                  "fusion": ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
-                                           cfg.asf_attention)}
+                  "fusion": build_fusion(cfg)}
     for phase, model in models.items():
         load_official(model, states[phase], files[phase], phase)
     run = Path(cfg.out)
@@ -2578,8 +2580,7 @@ def bench_phase(job: tuple) -> dict:
         ids = torch.randint(3, configs["text"].vocab_size, (n, BENCH_TEXT_TOKENS)).tolist()
         dataset, forward, loss_fn = UtteranceDataset(utterances, text_ids=ids), text_forward, teacher_loss
     elif phase == "fusion":  # the frozen encoders' features, computed once
-        model = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
-                               cfg.asf_attention)
+        model = build_fusion(cfg)
         features = {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
         dataset = FeatureDataset(features | {"label": torch.tensor([u.label for u in utterances])})
         collate, forward, loss_fn = None, fusion_forward, fusion_loss
@@ -2635,8 +2636,7 @@ def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, floa
     outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
                | {"label": torch.randint(classes, (n,))} for split, n in MELD_SIZES.items()}
     seed_everything(cfg.seed)
-    fusion = ShiftingFusion(cfg.feature_dim, classes, cfg.heads, cfg.dropout, cfg.theta,
-                            cfg.asf_attention).to(rt.device)
+    fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(out), cfg, rt, None, shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
     started, cpu_started = time.perf_counter(), time.process_time()
