@@ -68,7 +68,7 @@ import torch.nn.functional as F
 import torchaudio
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -284,8 +284,8 @@ class DataError(Exception):
 
 def csv_rows(path: Path, columns: list[str], dialogue_column: str):
     """(row number, row) of a dataset CSV, row 1 being the header. Checks that the file is not
-    empty, holds `columns`, that every row has every field and that each dialogue's rows are
-    contiguous (the teacher's history is the rows before, so a split dialogue would be two)."""
+    empty, holds `columns` and at least one row, that every row has every field and that each
+    dialogue's rows are contiguous (the teacher's history is the rows before, so a split dialogue would be two)."""
     row_number = 1
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -308,6 +308,8 @@ def csv_rows(path: Path, columns: list[str], dialogue_column: str):
                     finished.add(current)
                     current = dialogue
                 yield row_number, row
+            if row_number == 1:
+                raise DataError(f"{path}:2: no utterances after the header")
     except UnicodeDecodeError:
         raise DataError(f"{path}:{row_number + 1}: not UTF-8 text") from None
 
@@ -333,8 +335,6 @@ def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
             text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
             label=label, video=clip, audio=clip))
-    if not utterances:
-        raise DataError(f"{path}:2: no utterances after the header")
     return utterances
 
 
@@ -443,8 +443,6 @@ def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
             text=row["Utterance"].strip(), label=label,
             video=release_path(data_dir, row["Video_Path"]), audio=release_path(data_dir, row["Wav_Path"]),
             start=start, end=end))
-    if not utterances:
-        raise DataError(f"{path}:2: no utterances after the header")
     return utterances
 
 
@@ -538,11 +536,11 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
                       speaker_ids: list[int] | None = None) -> list[list[int]]:
     """Token ids of every utterance's prompt, the mask token last (never truncated). `speaker_ids`:
     each utterance's speaker index, by default its speaker's order of appearance in its dialogue."""
-    if speaker_ids is None:
-        speaker_ids = [i for d in dialogues(utterances) for i in speaker_indices([u.speaker for u in d])]
     ids, first = [], 0
     for dialogue in dialogues(utterances):
-        speakers = [SPEAKER_TOKENS[i] for i in speaker_ids[first:first + len(dialogue)]]
+        indices = (speaker_indices([u.speaker for u in dialogue]) if speaker_ids is None
+                   else speaker_ids[first:first + len(dialogue)])
+        speakers = [SPEAKER_TOKENS[i] for i in indices]
         first += len(dialogue)
         for k in range(len(dialogue)):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
@@ -796,12 +794,12 @@ class MediaCache:
     def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False,
                 kinds=("audio", "video")) -> dict[str, float]:
         """Decode what is not cached yet, one clip per task, in parallel worker processes; returns
-        counts of cached, decoded and failed entries, and of clips decoded and the seconds taken."""
+        counts of cached and decoded entries (faults are listed by prepare_media from the .err
+        files), and of clips decoded and the seconds taken."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances, kinds)
         entries = sum(len(job) for job in jobs)
-        counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "failed": 0,
-                  "clips": len(jobs), "seconds": 0.0}
+        counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "clips": len(jobs)}
         started = time.perf_counter()
         rank, world = rank_and_world()
         jobs = jobs[rank::world]  # under torchrun each process decodes its share
@@ -813,31 +811,30 @@ class MediaCache:
             pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
                                                               initargs=(1,)) if workers > 1 else None)
             results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
-            for outcomes in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
-                for *_, reason in outcomes:
-                    counts["failed" if reason else "decoded"] += 1  # prepare_media lists the faults
+            for reasons in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
+                counts["decoded"] += sum(reason is None for reason in reasons)
             if pool:
                 pool.close()
                 pool.join()
-        # Every process's counts; gathering also waits until every share is on disk.
-        for kind in ("decoded", "failed"):
-            counts[kind] = sum(gather_objects(counts[kind]))
+        # Every process's count; gathering also waits until every share is on disk.
+        counts["decoded"] = sum(gather_objects(counts["decoded"]))
         counts["seconds"] = time.perf_counter() - started
         return counts
 
 
-def decode_job(job: list[tuple]) -> list[tuple[str, str, str | None]]:
-    """Decode the missing entries of one clip, each written atomically; runs in a worker process."""
+def decode_job(job: list[tuple]) -> list[str | None]:
+    """Decode the missing entries of one clip, each written atomically; runs in a worker process.
+    Returns each entry's fault, None where it decoded."""
     outcomes = []
     for kind, path, start, end, base, settings in job:
         try:
             array = decode_media(kind, path, start, end, settings)
             atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
-            outcomes.append((kind, path, None))
+            outcomes.append(None)
         except MediaError as error:
             reason = str(error)
             atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(reason.encode()))
-            outcomes.append((kind, path, reason))
+            outcomes.append(reason)
     return outcomes
 
 
@@ -1292,7 +1289,6 @@ def weights_path(run: Path, phase: str) -> Path:
 
 
 def save_weights(module: nn.Module, path: Path, **metadata) -> None:
-    from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_write(path, lambda f: f.write(save(state, metadata={k: str(v) for k, v in metadata.items()})))
 
@@ -1302,6 +1298,11 @@ def load_weights(module: nn.Module, path: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found; train that phase first")
     module.load_state_dict(load_file(path))
+    return safetensors_metadata(path)
+
+
+def safetensors_metadata(path: Path) -> dict:
+    """The metadata of a safetensors file (its header alone is read)."""
     with safe_open(path, "pt") as f:
         return f.metadata() or {}
 
@@ -1332,7 +1333,7 @@ def pack(value, name: str, tensors: dict):
     Every dict becomes {"items": [[key, value], ...]} so that integer keys (optimizer state)
     survive; {"tensor": name} and {"array": ...} stand for tensors and numpy arrays."""
     if torch.is_tensor(value):
-        tensors[name] = value.detach().cpu().contiguous().clone()
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # one copy, shared with nothing
         return {"tensor": name}
     if isinstance(value, np.ndarray):
         return {"array": value.tolist(), "dtype": str(value.dtype)}
@@ -1377,7 +1378,6 @@ def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedu
                     generator) -> None:
     """Everything needed to continue after `epoch` as if never stopped, in one safetensors file
     (tensors) whose metadata holds the rest as JSON; written atomically."""
-    from safetensors.torch import save
     tensors = {}
     state = {"epoch": epoch, "best": pack(best, "best", tensors),
              "model": pack(model.state_dict(), "model", tensors),
@@ -1392,8 +1392,7 @@ def load_checkpoint(path: Path) -> dict:
     """The state save_checkpoint wrote; a truncated or damaged file stops with a one-line error."""
     try:
         tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            state = json.loads((f.metadata() or {})["telme_checkpoint"])
+        state = json.loads(safetensors_metadata(path)["telme_checkpoint"])
         return {name: unpack(value, tensors) for name, value in state.items()}
     except (SafetensorError, KeyError, ValueError) as error:
         raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({error}); delete it to "
@@ -1680,9 +1679,8 @@ def media_faults(media: MediaCache, u: Utterance) -> dict[str, str]:
     return faults
 
 
-def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
-    media = prepare_media(cfg, splits)
     t_features, t_logits = (t.to(rt.device) for t in teacher_outputs(cfg, rt, run, splits["train"]))
     results = {}
     for kind, phase, name, forward in (("audio", "audio", cfg.audio_model, audio_forward),
@@ -1731,9 +1729,11 @@ class FeatureDataset(Dataset):
         return self.features["label"]
 
 
-def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
-    """For each split: F_T, F_A, F_V and the three encoders' logits, computed once."""
-    media = prepare_media(cfg, splits)
+def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None) -> dict:
+    """For each split: F_T, F_A, F_V and the three encoders' logits, computed once (`media`
+    prepared here unless given)."""
+    if media is None:
+        media = prepare_media(cfg, splits)
     teacher, tokenizer = load_teacher(run, cfg, rt)
     image_stats = image_statistics(str(encoder_dir(run, "video")))
     outputs = {split: {"label": torch.tensor([u.label for u in utts])} for split, utts in splits.items()}
@@ -1756,9 +1756,9 @@ def fusion_forward(model, batch):
     return None, model(batch["f_teacher"], batch["f_audio"], batch["f_visual"])
 
 
-def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
+def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen)."""
-    outputs = frozen_outputs(cfg, rt, run, splits)
+    outputs = frozen_outputs(cfg, rt, run, splits, media)
     seed_everything(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
@@ -1798,15 +1798,17 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
-    if cfg.strict and phase != "teacher":  # media faults stop the run before any phase trains
-        prepare_media(cfg, splits)
+    # Media decoded once, before any phase trains, for the phases still to run that read it (the
+    # teacher reads none); under --strict a media fault stops the run here.
+    reads_media = [p for p in PHASE_GROUPS[phase] if p != "teacher" and not phase_complete(run, p)]
+    media = prepare_media(cfg, splits) if reads_media else None
     if phase in ("teacher", "all") and not phase_complete(run, "teacher"):
         seed_everything(cfg.seed)
         train_teacher(cfg, rt, run, splits)
     if phase in ("students", "all") and not all(phase_complete(run, p) for p in ("audio", "visual")):
-        train_students(cfg, rt, run, splits)
+        train_students(cfg, rt, run, splits, media)
     if phase in ("fusion", "all") and not phase_complete(run, "fusion"):
-        train_fusion(cfg, rt, run, splits)
+        train_fusion(cfg, rt, run, splits, media)
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -1936,8 +1938,7 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
     for phase in trained_phases(run):
         reports = {s: classification_report(out[f"z_{phase}"], out["label"].numpy(), classes)
                    for s, out in outputs.items()}
-        with safe_open(weights_path(run, phase), "pt") as f:
-            metadata = f.metadata() or {}
+        metadata = safetensors_metadata(weights_path(run, phase))
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
     if is_main_process():
         for phase, metrics in results.items():
@@ -1991,7 +1992,7 @@ def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
               "In the image, row and column i are class i: "
               + ", ".join(f"{i} {c}" for i, c in enumerate(classes))
               + "; the shade is the row-normalised share, the number the count.", ""]
-    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts)))
+    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts, normalised)))
     atomic_write(run / "report.md", lambda f: f.write("\n".join(lines).encode()))
 
 
@@ -2015,12 +2016,11 @@ def draw_number(image: np.ndarray, text: str, centre_y: int, centre_x: int, colo
         x += glyph_w + PNG_SCALE
 
 
-def confusion_png(counts: np.ndarray) -> bytes:
+def confusion_png(counts: np.ndarray, shares: np.ndarray) -> bytes:
     """The confusion matrix as a PNG: cell shade = row-normalised share, label = count.
 
     Written with numpy and zlib alone (no plotting library), so reports cost no dependency."""
     n = len(counts)
-    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     size = PNG_MARGIN + n * PNG_CELL
     image = np.full((size, size, 3), 255, np.uint8)
     for i in range(n):
@@ -2734,16 +2734,15 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
 
 def print_projection(results: dict, meld: Config) -> None:
     """The MELD recipe's wall-clock on this device, from the measured rates (an estimate)."""
-    rate = {r["phase"]: r["steps_per_s"] for r in results["steps"]}
-    forward_rate = {r["phase"]: r["eval_batches_per_s"] for r in results["steps"]}
-    forward_batch = {r["phase"]: r["eval_batch"] for r in results["steps"]}
+    measured = {r["phase"]: r for r in results["steps"]}
 
     def forward_seconds(phase: str, splits) -> float:  # one forward-only pass over these splits
-        return sum(math.ceil(MELD_SIZES[s] / forward_batch[phase]) for s in splits) / forward_rate[phase]
+        batches = sum(math.ceil(MELD_SIZES[s] / measured[phase]["eval_batch"]) for s in splits)
+        return batches / measured[phase]["eval_batches_per_s"]
 
     def epoch_seconds(phase: str) -> float:  # train, then evaluate on dev and test
         train_steps = math.ceil(MELD_SIZES["train"] / meld.batch_size)
-        return train_steps / rate[phase] + forward_seconds(phase, ("dev", "test"))
+        return train_steps / measured[phase]["steps_per_s"] + forward_seconds(phase, ("dev", "test"))
 
     seconds = {
         "teacher": meld.epochs[0] * epoch_seconds("teacher"),
