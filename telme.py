@@ -2508,13 +2508,17 @@ BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate
 # Synthetic footage: a random texture of 64-pixel blocks panning 3 pixels per frame, so that h264
 # has motion to encode as in real footage: about 1.1 MB per clip (16-pixel blocks gave 8 MB).
 BENCH_TEXTURE_BLOCK, BENCH_PAN_PIXELS = 64, 3
-# Teacher prompt length: about the mean padded length of a batch of 4 on MELD train.
-BENCH_TEXT_TOKENS = 160
+# Teacher prompt lengths, drawn uniformly: a batch of 4 pads to 166 tokens on average, about the mean
+# padded length of a batch of 4 on MELD train (160). Varied, as in training, so that a compiled
+# teacher meets new lengths too.
+BENCH_TEXT_TOKENS = (64, 192)
 # (warm-up, timed) training steps and forward-only batches per phase: a full-size step takes tens of
-# seconds on a CPU. On a GPU the first steps of each new clip length pay for cuDNN plans and the
-# allocator's growth (~4x a steady step), so the warm-up spans every clip length of the bench set.
-BENCH_STEPS = {"cpu": (1, 1), "cuda": (30, 50)}
-BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (5, 20)}
+# seconds on a CPU. On a GPU the first steps of each new input length pay for cuDNN plans, matrix
+# product heuristics and the allocator's growth (~4x a steady step; the teacher ran 6.8 steps/s after
+# 30 warm-up steps, 10.1 after 200), so the warm-up spans the lengths of the bench set.
+BENCH_STEPS = {"cpu": (1, 1), "cuda": (200, 50)}
+BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (20, 20)}
+BENCH_PHASES = ("teacher", "audio", "visual", "fusion")
 # MELD's split sizes (SPEC section 1): the fusion epoch and the projected wall-clock.
 MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
 
@@ -2577,7 +2581,8 @@ def bench_phase(job: tuple) -> dict:
     collate = make_collate(cfg, pad_id=configs["text"].pad_token_id)
     if phase == "teacher":  # prompts are token ids in memory; the teacher phase opens no media
         model = TextTeacher(AutoModel.from_config(configs["text"]), classes, cfg.feature_dim)
-        ids = torch.randint(3, configs["text"].vocab_size, (n, BENCH_TEXT_TOKENS)).tolist()
+        lengths = torch.randint(BENCH_TEXT_TOKENS[0], BENCH_TEXT_TOKENS[1] + 1, (n,)).tolist()
+        ids = [torch.randint(3, configs["text"].vocab_size, (k,)).tolist() for k in lengths]
         dataset, forward, loss_fn = UtteranceDataset(utterances, text_ids=ids), text_forward, teacher_loss
     elif phase == "fusion":  # the frozen encoders' features, computed once
         model = build_fusion(cfg)
@@ -2595,11 +2600,12 @@ def bench_phase(job: tuple) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler()
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
-    waited = 0.0
+    waited, warmup_started = 0.0, time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             rt.synchronize()
             started, cpu_started, waited = time.perf_counter(), time.process_time(), 0.0
+            warmup_seconds = started - warmup_started  # compiling included, under --compile
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
@@ -2624,7 +2630,9 @@ def bench_phase(job: tuple) -> dict:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"phase": phase, "steps_per_s": steps / elapsed, "cpu_s_per_step": cpu_seconds / steps,
-            "data_share": waited / elapsed, "eval_batch": loader.batch_size,
+            "data_share": waited / elapsed, "warmup_s": warmup_seconds,
+            # what a training run of this phase pays once beyond its steps: compiling, cuDNN plans
+            "start_s": max(0.0, warmup_seconds - warmup * elapsed / steps), "eval_batch": loader.batch_size,
             "eval_batches_per_s": eval_batches / eval_elapsed,
             "peak_gib": peak / 2 ** 30, "parameters_m": sum(p.numel() for p in params) / 1e6}
 
@@ -2645,9 +2653,12 @@ def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, floa
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0) -> dict:
+def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0,
+          phases: tuple = BENCH_PHASES) -> dict:
     """Print the benchmark table: (a) decoding and the media cache, (b) full-size training steps per
     phase, (c) a MELD-sized fusion epoch from the feature caches."""
+    if set(phases) - set(BENCH_PHASES):
+        raise SystemExit(f"telme: --phases takes {','.join(BENCH_PHASES)}, not {','.join(phases)}")
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
@@ -2702,21 +2713,22 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         kind = "cuda" if rt.device.type == "cuda" else "cpu"
         warmup, timed = BENCH_STEPS[kind]
         timed = steps or timed
+        print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
+              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS[0]}-{BENCH_TEXT_TOKENS[1]} "
+              f"tokens); forward-only batches as evaluation runs them\n"
+              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data | warm-up s "
+              f"| peak memory (GiB) | eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|---|",
+              flush=True)
         results["steps"] = []
-        for phase in ("teacher", "audio", "visual", "fusion"):
+        for phase in phases:  # a row as each phase ends
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 job = (phase, cfg, utterances, (warmup, timed), BENCH_EVAL_BATCHES[kind], threads)
-                results["steps"].append(pool.submit(bench_phase, job).result())
-        print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
-              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS} tokens); "
-              f"forward-only batches as evaluation runs them\n"
-              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data "
-              f"| peak memory (GiB) | eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|")
-        for r in results["steps"]:
+                r = pool.submit(bench_phase, job).result()
+            results["steps"].append(r)
             print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
                   f"{1 / r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.3f} | {100 * r['data_share']:.1f}% "
-                  f"| {r['peak_gib']:.2f} | {r['eval_batch']} | {r['eval_batches_per_s']:.3f} |")
+                  f"| {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} | {r['eval_batches_per_s']:.3f} |", flush=True)
         print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
                                   else "the phase's process's peak RSS, libraries included") + ")")
     if "c" in parts:
@@ -2726,7 +2738,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         print(f"\n(c) fusion epoch from the feature caches, MELD-sized (train {MELD_SIZES['train']}, dev "
               f"{MELD_SIZES['dev']}, test {MELD_SIZES['test']}; dim {cfg.feature_dim}; batch "
               f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s ({cpu_seconds:.1f} CPU s)")
-    if "b" in parts and "c" in parts:
+    if "b" in parts and "c" in parts and set(phases) == set(BENCH_PHASES):
         print_projection(results, make_config("meld"))
     print(f"\nbench: {time.perf_counter() - started:.0f} s in all")
     return results
@@ -2744,12 +2756,14 @@ def print_projection(results: dict, meld: Config) -> None:
         train_steps = math.ceil(MELD_SIZES["train"] / meld.batch_size)
         return train_steps / measured[phase]["steps_per_s"] + forward_seconds(phase, ("dev", "test"))
 
+    start = {phase: measured[phase]["start_s"] for phase in measured}
     seconds = {
-        "teacher": meld.epochs[0] * epoch_seconds("teacher"),
+        "teacher": start["teacher"] + meld.epochs[0] * epoch_seconds("teacher"),
         # the frozen teacher's outputs on train once, then each student
-        "students": forward_seconds("teacher", ("train",))
+        "students": forward_seconds("teacher", ("train",)) + start["audio"] + start["visual"]
                     + meld.epochs[1] * (epoch_seconds("audio") + epoch_seconds("visual")),
-        # the three frozen encoders over every split once, then the measured fusion epochs
+        # the three frozen encoders over every split once, then the measured fusion epochs (each
+        # measured with its start, compiling included: an overestimate by nine starts)
         "fusion": sum(forward_seconds(p, MELD_SIZES) for p in ("teacher", "audio", "visual"))
                   + meld.epochs[2] * results["fusion_epoch_s"],
     }
@@ -2876,6 +2890,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
                                 f"{BENCH_STEPS['cuda'][1]} on CUDA]")
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
+    bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=BENCH_PHASES,
+                           help=f"the phases (b) times [default: {','.join(BENCH_PHASES)}]")
     bench_cmd.add_argument("--threads", type=int, default=0,
                            help="torch intra-op threads [default: torch's own, one per core]; on a "
                                 "shared CPU, 1 avoids threads spinning while they wait for a core")
@@ -2925,7 +2941,8 @@ def main(argv=None) -> None:
     elif args.command == "bench":
         cfg = config_from_args(args)
         with tempfile.TemporaryDirectory(prefix="telme-bench-") as scratch:
-            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts, args.threads)
+            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts, args.threads,
+                  args.phases)
     finish_distributed()
 
 

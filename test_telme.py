@@ -1508,6 +1508,13 @@ def test_bench_phase_times_the_training_step_of_a_full_size_fusion():
     assert 0 <= result["data_share"] < 1 and result["peak_gib"] > 0
     assert abs(result["parameters_m"] - 5.32) < 0.01  # ShiftingFusion at dim 768, 7 classes
     assert result["eval_batch"] == cfg.eval_batch_size and result["eval_batches_per_s"] > 0
+    assert result["warmup_s"] > 0 and 0 <= result["start_s"] <= result["warmup_s"]
+
+
+def test_bench_names_an_unknown_phase_before_it_builds_anything(tmp_path):
+    with pytest.raises(SystemExit, match="--phases takes teacher,audio,visual,fusion, not teachr"):
+        telme.bench(telme.make_config("meld"), tmp_path, 1, None, "b", phases=("teachr",))
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
@@ -1544,15 +1551,15 @@ def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
 
 
 def test_projection_adds_up_the_measured_rates_over_the_meld_recipe(capsys):
-    """One step per second everywhere, forward-only batches of 16 at 2 per second, a 60 s fusion
-    epoch: the hours follow from MELD's split sizes and the preset's epochs alone."""
-    steps = [{"phase": p, "steps_per_s": 1.0, "eval_batches_per_s": 2.0, "eval_batch": 16}
+    """One step per second everywhere, forward-only batches of 16 at 2 per second, 30 s to start each
+    phase, a 60 s fusion epoch: the hours follow from MELD's split sizes and the preset's epochs alone."""
+    steps = [{"phase": p, "steps_per_s": 1.0, "eval_batches_per_s": 2.0, "eval_batch": 16, "start_s": 30.0}
              for p in ("teacher", "audio", "visual", "fusion")]
     results = {"steps": steps, "fusion_epoch_s": 60.0}
     telme.print_projection(results, telme.make_config("meld"))
     train, dev_test = 2498, 70 + 164  # ceil(9989 / 4); ceil(1109 / 16) + ceil(2610 / 16)
     epoch = train + dev_test / 2
-    expected = {"teacher": 10 * epoch, "students": 625 / 2 + 10 * 2 * epoch,
+    expected = {"teacher": 30 + 10 * epoch, "students": 625 / 2 + 2 * 30 + 10 * 2 * epoch,
                 "fusion": 3 * (625 + dev_test) / 2 + 10 * 60}
     for phase, seconds in expected.items():
         assert results["projected_hours"][phase] == pytest.approx(seconds / 3600)
