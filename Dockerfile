@@ -22,6 +22,12 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
     TELME_GIT_COMMIT=${GIT_COMMIT}
 
+# torch.compile (run.sh's recipes, and one test) builds code at run time: inductor's CPU kernels with
+# g++, Triton's GPU launcher with gcc. The runtime image ships no compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # A non-root user (uid 10001, clear of the base image's users). runs/ and the cache are writable by
 # any uid, so `docker run --user "$(id -u):$(id -g)"` also works and leaves host-owned files.
 RUN groupadd --gid 10001 telme \

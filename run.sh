@@ -2,7 +2,8 @@
 # telme driver. Usage:
 #   bash run.sh demo [meld|iemocap]   # synthetic data + tiny models, all phases, offline, CPU (~2 min)
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
-#   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU)
+#   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU;
+#                                     # training steps compiled, --no-compile for eager)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
 #   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (2 CPU cores: ~15 min)
 #   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
@@ -38,6 +39,9 @@ need_data() {  # need_data NAME DIR FILE-THAT-MUST-EXIST MESSAGE
 
 recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (--seeds N)
   local dataset=$1 data=$2; shift 2
+  # torch.compile: on an H200 the encoders' steps ran ~1.7x the eager rate (README: Benchmark);
+  # --no-compile among the flags turns it off.
+  set -- --compile "$@"
   local out=${TELME_OUT:-runs/$dataset} train=("$PY" telme.py train)
   # --gpus G for a single run: every phase on G GPUs with DistributedDataParallel (batch 4 per GPU).
   if [[ -n "$GPUS" && -z "${SEEDS:-}" ]]; then
@@ -154,7 +158,7 @@ dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wa
     recipe iemocap "$IEMOCAP_DIR" ${ARGS[@]+"${ARGS[@]}"}
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac

@@ -2792,7 +2792,9 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=docs[f.name])
+            # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=docs[f.name])
             continue
         kind = {"int": int, "float": float, "str": str}.get(f.type)
         if f.type == "tuple":
@@ -2808,7 +2810,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 # What `train --resume` may change: where things are and how they run, nothing that alters results.
-RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet")
+RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile")
 
 
 def resume_config(args: argparse.Namespace) -> Config:

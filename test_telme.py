@@ -300,6 +300,9 @@ def test_config_presets_and_overrides():
     args = ["train", "--dataset", "iemocap", "--epochs", "10,10,8", "--tau", "3"]
     parsed = telme.config_from_args(telme.build_parser().parse_args(args))
     assert parsed.epochs == (10, 10, 8) and parsed.tau == 3.0 and parsed.alpha == 0.1
+    # A switch given twice: the last wins (run.sh's recipes pass --compile before the user's flags).
+    for flags, compiled in ((["--compile"], True), (["--compile", "--no-compile"], False), ([], False)):
+        assert telme.config_from_args(telme.build_parser().parse_args(["train", *flags])).compile is compiled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -925,6 +928,8 @@ def test_resume_keeps_the_run_configuration(tmp_path):
     assert cfg.seed == 7 and cfg.device == "cpu" and cfg.out == str(tmp_path)
     with pytest.raises(SystemExit, match="--lr cannot be changed"):
         telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
+    # How steps run may change: a compiled run that fails to compile resumes eagerly, and back.
+    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--compile"])).compile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1324,6 +1329,9 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
     subprocess.run(["bash", str(script), "meld", "--seeds", "2", "--lr", "1e-5"], env=env, check=True)
     calls = log.read_text().splitlines()
     assert calls[0].startswith("telme.py prepare --dataset meld") and calls[0].endswith("--lr 1e-5")
+    # The recipe compiles the training steps; the user's flags come after, so --no-compile wins.
+    assert all(c.endswith("--compile --lr 1e-5") or "--compile --lr 1e-5 --seed" in c
+               for c in calls if c.startswith(("telme.py prepare", "telme.py train")))
     runs = tmp_path / "runs"
     for seed in (42, 43):
         assert sum(f"--out {runs}/seed{seed} " in c and c.endswith(f"--seed {seed}") and "--lr 1e-5" in c
@@ -1349,6 +1357,8 @@ def test_dockerfile_pins_the_torch_of_requirements_and_installs_them():
     assert base[0].endswith("-runtime")
     assert "pip install --no-cache-dir -r requirements.txt" in dockerfile
     assert 'ENTRYPOINT ["bash", "run.sh"]' in dockerfile
+    # torch.compile (the recipes' default, and a test) needs a C++ compiler; the runtime image has none.
+    assert any("apt-get install" in line and " g++" in line for line in dockerfile.splitlines())
     user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert user and not user[-1].startswith(("root", "0"))
     # Nothing trained or downloaded at build time: no RUN line starts telme.
