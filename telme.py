@@ -2713,9 +2713,10 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         kind = "cuda" if rt.device.type == "cuda" else "cpu"
         warmup, timed = BENCH_STEPS[kind]
         timed = steps or timed
+        shortest, longest = BENCH_TEXT_TOKENS
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
-              f"({timed} timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS[0]}-{BENCH_TEXT_TOKENS[1]} "
-              f"tokens); forward-only batches as evaluation runs them\n"
+              f"({timed} timed after {warmup} warm-up; teacher prompts {shortest}-{longest} tokens); "
+              f"forward-only batches as evaluation runs them\n"
               f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data | warm-up s "
               f"| peak memory (GiB) | eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|---|",
               flush=True)
@@ -2728,7 +2729,8 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
             results["steps"].append(r)
             print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
                   f"{1 / r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.3f} | {100 * r['data_share']:.1f}% "
-                  f"| {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} | {r['eval_batches_per_s']:.3f} |", flush=True)
+                  f"| {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} "
+                  f"| {r['eval_batches_per_s']:.3f} |", flush=True)
         print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
                                   else "the phase's process's peak RSS, libraries included") + ")")
     if "c" in parts:
@@ -2809,7 +2811,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(getattr(args, "dataset", "meld"), **overrides)
 
 
-# What `train --resume` may change: where things are and how they run, nothing that alters results.
+# What `train --resume` may change: where things are and how they run. All but `compile` leave the
+# results as they were; a compiled part draws other dropout masks (README: GPU path).
 RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile")
 
 
