@@ -1547,6 +1547,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
     trained = data_parallel(model, rt)
     if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
         trained = torch.compile(trained)
+        log(f"[{phase:7s}] --compile: the first steps compile the training step (minutes on a GPU)")
     for epoch in range(done + 1, epochs + 1):
         model.train()
         if isinstance(loaders["train"].sampler, DistributedSampler):
