@@ -2519,7 +2519,6 @@ BENCH_TEXT_TOKENS = (64, 192)
 # 30 warm-up steps, 10.1 after 200), so the warm-up spans the lengths of the bench set.
 BENCH_STEPS = {"cpu": (1, 1), "cuda": (200, 50)}
 BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (20, 20)}
-BENCH_PHASES = ("teacher", "audio", "visual", "fusion")
 # MELD's split sizes (SPEC section 1): the fusion epoch and the projected wall-clock.
 MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
 
@@ -2655,11 +2654,11 @@ def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, floa
 
 
 def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0,
-          phases: tuple = BENCH_PHASES) -> dict:
+          phases: tuple = PHASES) -> dict:
     """Print the benchmark table: (a) decoding and the media cache, (b) full-size training steps per
     phase, (c) a MELD-sized fusion epoch from the feature caches."""
-    if set(phases) - set(BENCH_PHASES):
-        raise SystemExit(f"telme: --phases takes {','.join(BENCH_PHASES)}, not {','.join(phases)}")
+    if set(phases) - set(PHASES):
+        raise SystemExit(f"telme: --phases takes {','.join(PHASES)}, not {','.join(phases)}")
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
@@ -2741,7 +2740,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         print(f"\n(c) fusion epoch from the feature caches, MELD-sized (train {MELD_SIZES['train']}, dev "
               f"{MELD_SIZES['dev']}, test {MELD_SIZES['test']}; dim {cfg.feature_dim}; batch "
               f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s ({cpu_seconds:.1f} CPU s)")
-    if "b" in parts and "c" in parts and set(phases) == set(BENCH_PHASES):
+    if "b" in parts and "c" in parts and set(phases) == set(PHASES):
         print_projection(results, make_config("meld"))
     print(f"\nbench: {time.perf_counter() - started:.0f} s in all")
     return results
@@ -2759,11 +2758,12 @@ def print_projection(results: dict, meld: Config) -> None:
         train_steps = math.ceil(MELD_SIZES["train"] / meld.batch_size)
         return train_steps / measured[phase]["steps_per_s"] + forward_seconds(phase, ("dev", "test"))
 
-    start = {phase: measured[phase]["start_s"] for phase in measured}
+    # start_s: paid once per training run of a phase (compiling, cuDNN plans)
     seconds = {
-        "teacher": start["teacher"] + meld.epochs[0] * epoch_seconds("teacher"),
+        "teacher": measured["teacher"]["start_s"] + meld.epochs[0] * epoch_seconds("teacher"),
         # the frozen teacher's outputs on train once, then each student
-        "students": forward_seconds("teacher", ("train",)) + start["audio"] + start["visual"]
+        "students": forward_seconds("teacher", ("train",))
+                    + measured["audio"]["start_s"] + measured["visual"]["start_s"]
                     + meld.epochs[1] * (epoch_seconds("audio") + epoch_seconds("visual")),
         # the three frozen encoders over every split once, then the measured fusion epochs (each
         # measured with its start, compiling included: an overestimate by nine starts)
@@ -2896,8 +2896,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
                                 f"{BENCH_STEPS['cuda'][1]} on CUDA]")
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
-    bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=BENCH_PHASES,
-                           help=f"the phases (b) times [default: {','.join(BENCH_PHASES)}]")
+    bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
+                           help=f"the phases (b) times [default: {','.join(PHASES)}]")
     bench_cmd.add_argument("--threads", type=int, default=0,
                            help="torch intra-op threads [default: torch's own, one per core]; on a "
                                 "shared CPU, 1 avoids threads spinning while they wait for a core")
