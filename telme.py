@@ -795,24 +795,25 @@ class MediaCache:
                 kinds=("audio", "video")) -> dict[str, float]:
         """Decode what is not cached yet, one clip per task, in parallel worker processes; returns
         counts of cached and decoded entries (faults are listed by prepare_media from the .err
-        files), and of clips decoded and the seconds taken."""
+        files), of clips decoded, of this process's workers and the seconds taken."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances, kinds)
         entries = sum(len(job) for job in jobs)
-        counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "clips": len(jobs)}
+        counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "clips": len(jobs),
+                  "workers": 0}
         started = time.perf_counter()
         rank, world = rank_and_world()
         jobs = jobs[rank::world]  # under torchrun each process decodes its share
         if jobs:
             # Every core by default, shared among the processes torchrun started on this machine.
             workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            workers = min(workers, len(jobs))
+            workers = counts["workers"] = min(workers, len(jobs))
             # spawn, not fork: a forked copy of a process that already runs torch threads can hang.
             pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
                                                               initargs=(1,)) if workers > 1 else None)
             results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
-            for reasons in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
-                counts["decoded"] += sum(reason is None for reason in reasons)
+            for decoded in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
+                counts["decoded"] += decoded
             if pool:
                 pool.close()
                 pool.join()
@@ -822,20 +823,19 @@ class MediaCache:
         return counts
 
 
-def decode_job(job: list[tuple]) -> list[str | None]:
-    """Decode the missing entries of one clip, each written atomically; runs in a worker process.
-    Returns each entry's fault, None where it decoded."""
-    outcomes = []
+def decode_job(job: list[tuple]) -> int:
+    """Decode the missing entries of one clip, each written atomically (a fault as its .err file);
+    runs in a worker process. Returns how many entries decoded."""
+    decoded = 0
     for kind, path, start, end, base, settings in job:
         try:
             array = decode_media(kind, path, start, end, settings)
             atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
-            outcomes.append(None)
+            decoded += 1
         except MediaError as error:
             reason = str(error)
             atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(reason.encode()))
-            outcomes.append(reason)
-    return outcomes
+    return decoded
 
 
 def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
@@ -891,14 +891,19 @@ class UtteranceDataset(Dataset):
         return item
 
 
+# TimeSformer-base's own processor statistics: the stand-in where no video model is loaded
+# (the teacher phase, audio-only batches), so that frames are never normalised by accident.
+TIMESFORMER_IMAGE_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
+
+
 @dataclass
 class Collate:
     """Pads a list of items into tensors: text left-padded (the mask stays last), audio right-padded
     with an attention mask, frames normalised; a missing modality becomes zeros plus a flag."""
 
     pad_id: int = 0
-    image_mean: tuple = (0.45, 0.45, 0.45)
-    image_std: tuple = (0.225, 0.225, 0.225)
+    image_mean: tuple = TIMESFORMER_IMAGE_STATS[0]
+    image_std: tuple = TIMESFORMER_IMAGE_STATS[1]
     num_frames: int = 8
     image_size: int = 224
     min_audio_samples: int = 4000  # 0.25 s: enough frames for data2vec's time masking
@@ -1449,11 +1454,6 @@ def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
 
 # D7: the official code normalises with VideoMAE's image-processor statistics (ImageNet's).
 VIDEOMAE_IMAGE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-# TimeSformer-base's own processor statistics: the stand-in where no video model is loaded
-# (the teacher phase, audio-only batches), so that frames are never normalised by accident.
-TIMESFORMER_IMAGE_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
 
 def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
@@ -2693,7 +2693,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         finally:
             av.open = real_open
         results["decode"] = {
-            "clips": clips, "workers": min(cfg.workers or os.cpu_count() or 1, clips),
+            "clips": clips, "workers": counts["workers"],
             "first_pass_clips_per_s": clips / counts["seconds"],
             "first_pass_one_process_clips_per_s": clips / single_seconds,
             "cached_clips_per_s": clips / cached_seconds, "mp4_opened_when_cached": len(opened),
