@@ -798,6 +798,9 @@ class MediaCache:
         files), of clips decoded, of this process's workers and the seconds taken."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances, kinds)
+        # Under torchrun every process must list the same missing entries before any writes one:
+        # each takes its share of that list by position.
+        barrier()
         entries = sum(len(job) for job in jobs)
         counts = {"cached": len(utterances) * len(kinds) - entries, "decoded": 0, "clips": len(jobs),
                   "workers": 0}
