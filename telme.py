@@ -1301,12 +1301,11 @@ def save_weights(module: nn.Module, path: Path, **metadata) -> None:
     atomic_write(path, lambda f: f.write(save(state, metadata={k: str(v) for k, v in metadata.items()})))
 
 
-def load_weights(module: nn.Module, path: Path) -> dict:
-    """Load a phase's weights into `module`; returns the metadata saved with them."""
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load a phase's weights into `module`."""
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found; train that phase first")
     module.load_state_dict(load_file(path))
-    return safetensors_metadata(path)
 
 
 def safetensors_metadata(path: Path) -> dict:
@@ -1762,13 +1761,17 @@ def fusion_forward(model, batch):
 
 def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen)."""
-    outputs = frozen_outputs(cfg, rt, run, splits, media)
+    return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, splits, media), cfg.epochs[2])
+
+
+def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int) -> dict:
+    """The shifting fusion trained on each split's features (F_T, F_A, F_V) and labels."""
     seed_everything(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
                                   shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
-    return fit("fusion", fusion, loaders, fusion_forward, fusion_loss, cfg.epochs[2], cfg.lr[2], cfg, rt, run)
+    return fit("fusion", fusion, loaders, fusion_forward, fusion_loss, epochs, cfg.lr[2], cfg, rt, run)
 
 
 def fusion_loss(model, batch):
@@ -1804,14 +1807,14 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
         + f" utterances; device {rt.device}; run {run}")
     # Media decoded once, before any phase trains, for the phases still to run that read it (the
     # teacher reads none); under --strict a media fault stops the run here.
-    reads_media = [p for p in PHASE_GROUPS[phase] if p != "teacher" and not phase_complete(run, p)]
-    media = prepare_media(cfg, splits) if reads_media else None
-    if phase in ("teacher", "all") and not phase_complete(run, "teacher"):
+    todo = {p for p in PHASE_GROUPS[phase] if not phase_complete(run, p)}
+    media = prepare_media(cfg, splits) if todo - {"teacher"} else None
+    if "teacher" in todo:
         seed_everything(cfg.seed)
         train_teacher(cfg, rt, run, splits)
-    if phase in ("students", "all") and not all(phase_complete(run, p) for p in ("audio", "visual")):
+    if todo & {"audio", "visual"}:
         train_students(cfg, rt, run, splits, media)
-    if phase in ("fusion", "all") and not phase_complete(run, "fusion"):
+    if "fusion" in todo:
         train_fusion(cfg, rt, run, splits, media)
     return json.loads((run / "metrics.json").read_text())
 
@@ -2641,17 +2644,13 @@ def bench_phase(job: tuple) -> dict:
 
 
 def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, float]:
-    """Wall-clock and CPU seconds of one fusion epoch through fit() (train, dev and test) on
+    """Wall-clock and CPU seconds of one fusion epoch through fit_fusion() (train, dev and test) on
     MELD-sized feature caches."""
     classes = len(EMOTIONS[cfg.dataset])
     outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
                | {"label": torch.randint(classes, (n,))} for split, n in MELD_SIZES.items()}
-    seed_everything(cfg.seed)
-    fusion = build_fusion(cfg).to(rt.device)
-    loaders = {split: make_loader(FeatureDataset(out), cfg, rt, None, shuffle=split == "train", seed=cfg.seed)
-               for split, out in outputs.items()}
     started, cpu_started = time.perf_counter(), time.process_time()
-    fit("fusion", fusion, loaders, fusion_forward, fusion_loss, 1, cfg.lr[2], cfg, rt, run)
+    fit_fusion(cfg, rt, run, outputs, epochs=1)
     rt.synchronize()
     return time.perf_counter() - started, time.process_time() - cpu_started
 
@@ -2676,12 +2675,13 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
     cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
     utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
     results = {"device": device}
-    if "a" in parts or "b" in parts:
-        # Decoded twice: by one process (the cost per clip), then as prepare runs (worker processes).
+    if "a" in parts:  # decoded by one process first: the cost per clip, without workers to start
         single = MediaCache(dataclasses.replace(cfg, cache_dir=str(out / "cache-1-process")))
         single_seconds = single.prepare(utterances, 1, quiet=True)["seconds"]
+    if "a" in parts or "b" in parts:  # then as prepare runs, into the cache (b)'s students read
         media = MediaCache(cfg)
         counts = media.prepare(utterances, cfg.workers, quiet=True)
+    if "a" in parts:
         entries = list(media.root.rglob("*.npy"))
         opened, real_open = [], av.open
         av.open = lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs)
