@@ -1639,10 +1639,8 @@ def teacher_loss(model, batch):
 def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance]):
     """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
     what a teacher run at every student step would give."""
-    teacher, tokenizer = load_teacher(run, cfg, rt)
-    loader = make_loader(teacher_dataset(cfg, tokenizer, utterances), cfg, rt,
-                         make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
-    return run_model(teacher, loader, text_forward, rt, cfg.quiet, "teacher outputs")
+    train = frozen_outputs(cfg, rt, run, {"train": utterances}, encoders=("teacher",))["train"]
+    return train["f_teacher"], train["z_teacher"]
 
 
 def prepare_media(cfg: Config, splits: dict) -> MediaCache:
@@ -1732,16 +1730,19 @@ class FeatureDataset(Dataset):
         return self.features["label"]
 
 
-def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None) -> dict:
-    """For each split: F_T, F_A, F_V and the three encoders' logits, computed once (`media`
-    prepared here unless given)."""
-    if media is None:
+def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None,
+                   encoders=("teacher", "audio", "visual")) -> dict:
+    """For each split: the features F_<phase> and logits z_<phase> of the frozen `encoders`, computed
+    once (`media` prepared here unless given or only the teacher runs)."""
+    if media is None and set(encoders) - {"teacher"}:
         media = prepare_media(cfg, splits)
     teacher, tokenizer = load_teacher(run, cfg, rt)
-    image_stats = image_statistics(str(encoder_dir(run, "video")))
+    image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in encoders else None
     outputs = {split: {"label": torch.tensor([u.label for u in utts])} for split, utts in splits.items()}
     for phase, forward in (("teacher", text_forward), ("audio", audio_forward),
                            ("visual", video_forward)):
+        if phase not in encoders:
+            continue
         model = teacher if phase == "teacher" else load_student(
             run, "audio" if phase == "audio" else "video", cfg, rt)
         for split, utts in splits.items():
@@ -1915,16 +1916,7 @@ def load_fusion(run: Path, cfg: Config, rt: Runtime) -> ShiftingFusion:
 def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     """For each split, the labels and every trained phase's logits z_<phase>."""
     trained = trained_phases(run)
-    if trained == ["teacher"]:
-        teacher, tokenizer = load_teacher(run, cfg, rt)
-        outputs = {}
-        for s, utts in splits.items():
-            loader = make_loader(teacher_dataset(cfg, tokenizer, utts), cfg, rt,
-                                 make_collate(cfg, tokenizer.pad_token_id), shuffle=False)
-            outputs[s] = {"z_teacher": run_model(teacher, loader, text_forward, rt, cfg.quiet, s)[1],
-                          "label": torch.tensor([u.label for u in utts])}
-    else:
-        outputs = frozen_outputs(cfg, rt, run, splits)
+    outputs = frozen_outputs(cfg, rt, run, splits, encoders=[p for p in trained if p != "fusion"])
     if "fusion" in trained:
         fusion = load_fusion(run, cfg, rt)
         for s, out in outputs.items():

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import shutil
 import wave
 from pathlib import Path
 
@@ -262,6 +263,20 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     results = telme.demo(out, "meld", seed=42, quiet=True)
     return out, results
+
+
+def test_eval_scores_a_run_stopped_between_the_two_students(demo_run, tmp_path):
+    """A run interrupted after the audio student (no visual student, no fusion) still evaluates:
+    the phases it has score as in the complete run."""
+    out, results = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "run", run)
+    for phase in ("visual", "fusion"):
+        telme.weights_path(run, phase).unlink()
+    partial = telme.evaluate(run, quiet=True)
+    assert list(partial) == ["teacher", "audio"]
+    for phase in partial:
+        assert partial[phase]["test_wf1"] == pytest.approx(results[phase]["test_wf1"], abs=1e-6)
 
 
 def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
