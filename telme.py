@@ -160,7 +160,7 @@ class Config:
     official_frames: bool = False
     """D7: frames in BGR order, normalised with VideoMAE's (ImageNet) statistics (official code)"""
     official_long_clips: bool = False
-    """D8: clips longer than 30 s replaced by zeros (official MELD code)"""
+    """D8: clips longer than 30 s replaced by zeros (official MELD code; --compat official sets it on MELD only)"""
     workers: int = 0
     """processes decoding media in prepare; 0 means every core"""
     loader_workers: int = -1
@@ -205,8 +205,9 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
     if cfg.compat == "official":  # D1-D8 together; without it each switch keeps its own value
         cfg.asf_attention = "batch"  # D2
         cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
-        for name in OFFICIAL_SWITCHES.values():
-            setattr(cfg, name, True)
+        for d, name in OFFICIAL_SWITCHES.items():
+            if d != "D8" or cfg.dataset == "meld":  # the official IEMOCAP code has no D8
+                setattr(cfg, name, True)
     return cfg
 
 
@@ -505,13 +506,14 @@ def official_speaker_indices(keys: list[str], dialogue_ids: list[str]) -> list[i
     It looks each speaker up in (or appends it to) a running list and only then notices that a new
     dialogue has begun and empties the list: the first utterance of every dialogue is indexed
     against the previous dialogue's list, and its speaker is not in the list its own dialogue grows.
-    Capped at nine like ours, as there are nine speaker tokens.
+    Not capped: from a list's tenth speaker on, the official prompt holds <s10>, <s11>, ... which
+    are no special tokens, so the tokenizer splits them like any other text (teacher_input_ids).
     """
     indices, known = [], []
     for k, (key, dialogue) in enumerate(zip(keys, dialogue_ids)):
         if key not in known:
             known.append(key)
-        indices.append(min(known.index(key), len(SPEAKER_TOKENS) - 1))
+        indices.append(known.index(key))
         if k > 0 and dialogue != dialogue_ids[k - 1]:
             known = []
     return indices
@@ -540,7 +542,7 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
     for dialogue in dialogues(utterances):
         indices = (speaker_indices([u.speaker for u in dialogue]) if speaker_ids is None
                    else speaker_ids[first:first + len(dialogue)])
-        speakers = [SPEAKER_TOKENS[i] for i in indices]
+        speakers = [f"<s{i + 1}>" for i in indices]  # past <s9> (D6 only) plain text, as officially
         first += len(dialogue)
         for k in range(len(dialogue)):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
@@ -585,8 +587,10 @@ def stream_span(container, stream) -> tuple[float, float]:
 
 # D1: the official code loads audio with librosa's default rate, then declares 16 kHz to the model.
 OFFICIAL_AUDIO_LOAD_RATE = 22050
-# D8: the official MELD code replaces clips longer than this by zeros.
+# D8: the official MELD code replaces a clip longer than this by zeros: a waveform of 1412 samples
+# and frames that are zero after normalisation (cached as an array of no frames; see Collate).
 OFFICIAL_MAX_CLIP_SECONDS = 30.0
+OFFICIAL_LONG_CLIP_AUDIO_SAMPLES = 1412
 
 
 def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
@@ -737,7 +741,7 @@ class MediaCache:
         }
         if cfg.official_long_clips:  # D8, applied in decode_media; the settings are part of the key
             for settings in self.settings.values():
-                settings["zeros_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
+                settings["stand_in_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
 
     def key(self, kind: str, path: str, start, end) -> str:
         try:
@@ -844,22 +848,25 @@ def decode_job(job: list[tuple]) -> int:
 def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
     """What the cache holds for one entry (audio as AUDIO_CACHE_DTYPE); predict decodes a new
     clip through here too, so that it sees exactly what training and eval saw."""
+    limit = settings.get("stand_in_beyond_seconds")
+    if limit is not None and media_seconds(path, start, end) > limit:  # D8: nothing is decoded
+        if kind == "audio":
+            return np.zeros(OFFICIAL_LONG_CLIP_AUDIO_SAMPLES, AUDIO_CACHE_DTYPE)
+        return np.zeros((0, settings["size"], settings["size"], 3), np.uint8)
     if kind == "audio":
-        array = decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(AUDIO_CACHE_DTYPE)
-    else:
-        array = decode_frames(path, settings["num_frames"], settings["size"], start, end)
-    limit = settings.get("zeros_beyond_seconds")
-    if limit is not None and media_seconds(path, start, end) > limit:
-        array = np.zeros_like(array)  # D8: the official code's stand-in for a long clip
-    return array
+        return decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(AUDIO_CACHE_DTYPE)
+    return decode_frames(path, settings["num_frames"], settings["size"], start, end)
 
 
 def media_seconds(path: str, start: float | None, end: float | None) -> float:
-    """Length of the decoded span: the window when there is one, else the container's duration."""
+    """Length of the span to decode: the window when there is one, else the container's duration."""
     if start is not None:
         return end - start
-    with av.open(path) as container:
-        return container.duration / av.time_base if container.duration else 0.0
+    try:
+        with open_media(path) as container:
+            return container.duration / av.time_base if container.duration else 0.0
+    except DECODE_ERRORS as error:
+        raise MediaError(f"cannot decode: {error}") from None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -942,16 +949,17 @@ class Collate:
             batch["audio_missing"] = torch.tensor([w is None for w in waves])
         if "video" in items[0]:
             shape = (self.num_frames, self.image_size, self.image_size, 3)
-            frames = torch.from_numpy(np.stack([np.zeros(shape, np.uint8) if it["video"] is None
-                                                else np.asarray(it["video"]) for it in items]))
+            # Zeros after normalisation: a missing clip, and D8's stand-in for a long one (no frames).
+            blank = [it["video"] is None or len(it["video"]) == 0 for it in items]
+            frames = torch.from_numpy(np.stack([np.zeros(shape, np.uint8) if b else np.asarray(it["video"])
+                                                for b, it in zip(blank, items)]))
             if self.bgr:
                 frames = frames.flip(-1)  # D7: RGB -> BGR, normalised below as if it were RGB
             mean = torch.tensor(self.image_mean).view(1, 1, 3, 1, 1)
             std = torch.tensor(self.image_std).view(1, 1, 3, 1, 1)
             video = (frames.permute(0, 1, 4, 2, 3).float() / 255 - mean) / std  # (B, T, 3, S, S)
-            missing = torch.tensor([it["video"] is None for it in items])
-            batch["video"] = video.masked_fill(missing.view(-1, 1, 1, 1, 1), 0.0)
-            batch["video_missing"] = missing
+            batch["video"] = video.masked_fill(torch.tensor(blank).view(-1, 1, 1, 1, 1), 0.0)
+            batch["video_missing"] = torch.tensor([it["video"] is None for it in items])
         return batch
 
 

@@ -1057,8 +1057,20 @@ def test_d8_official_long_clips_become_zeros(tmp_path):
     long, short = clip("long.mp4", 31), clip("short.mp4", 2)
     for kind in ("audio", "video"):
         assert np.abs(cache_entry(tmp_path, kind, long)[0]).max() > 0.1
-        assert np.abs(cache_entry(tmp_path, kind, long, official_long_clips=True)[0]).max() == 0
         assert np.abs(cache_entry(tmp_path, kind, short, official_long_clips=True)[0]).max() > 0.1
+    # The official stand-ins: 1412 zero samples, and frames that are zero after normalisation.
+    audio = cache_entry(tmp_path, "audio", long, official_long_clips=True)[0]
+    assert audio.shape == (1412,) and not audio.any()
+    frames = {name: cache_entry(tmp_path, "video", path, official_long_clips=True)[0].astype(np.uint8)
+              for name, path in (("long", long), ("short", short))}
+    assert len(frames["long"]) == 0
+    batch = telme.Collate(num_frames=4, image_size=16)([{"index": 0, "label": 0, "video": frames["long"]},
+                                                        {"index": 1, "label": 0, "video": frames["short"]}])
+    assert not batch["video"][0].any() and batch["video"][1].abs().min() > 0.1
+    assert not batch["video_missing"].any()
+    # The official IEMOCAP code has no such rule: --compat official leaves D8 off there.
+    iemocap = telme.make_config("iemocap", compat="official")
+    assert [d for d, on in telme.compat_switches(iemocap).items() if not on] == ["D8"]
 
 
 def test_d7_official_frames_are_bgr_with_videomae_statistics():
@@ -1182,6 +1194,22 @@ def test_d6_official_iemocap_speakers_are_utterance_ids():
     assert telme.prompt_speakers(telme.make_config("iemocap"), utterances) is None  # ours: F/M by name
     official = telme.prompt_speakers(telme.make_config("iemocap", official_speakers=True), utterances)
     assert official == [0, 1, 2, 3, 0]
+
+
+def test_d6_official_speakers_past_the_ninth_are_plain_text():
+    """Officially a list's tenth speaker is written <s10>: no special token, so it is tokenized as
+    text (not capped at <s9>)."""
+    utterances = [telme.Utterance(dialogue="d", speaker="F", text="x", label=0, video="v.avi",
+                                  audio=f"Ses01F_impro01_F{i:03d}.wav") for i in range(12)]
+    official = telme.prompt_speakers(telme.make_config("iemocap", official_speakers=True), utterances)
+    assert official == list(range(12))
+    tokenizer = roberta_style_tokenizer()
+    telme.add_speaker_tokens(tokenizer)
+    prompt = telme.teacher_input_ids(utterances, tokenizer, 512, official)[-1]
+    history = " ".join(f"<s{i}> x" for i in range(1, 13))
+    expected = tokenizer(f"{history} </s> Now <s12> feels", add_special_tokens=False)["input_ids"]
+    assert prompt == expected + [tokenizer.mask_token_id]
+    assert prompt.count(tokenizer.convert_tokens_to_ids("<s9>")) == 1
 
 
 # --------------------------------------------------------------------------------------------------
