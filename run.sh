@@ -20,6 +20,11 @@ setup_python() {
   local probe="import torch, torchvision, torchaudio, transformers, av, sklearn, safetensors, tqdm, pytest"
   if [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]] && python -c "$probe" 2>/dev/null; then PY=python; return; fi
   if [[ ! -x .venv/bin/python ]] || ! cmp -s requirements.txt .venv/requirements.installed; then
+    # The pinned numpy, scipy and scikit-learn need Python 3.11 or later.
+    if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "run.sh: $(python3 --version 2>&1) found; telme needs Python 3.11 or later (or set TELME_PYTHON)" >&2
+      exit 1
+    fi
     echo "run.sh: installing requirements.txt into .venv (first use: a few minutes, ~5 GB)" >&2
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
@@ -60,15 +65,24 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (-
 }
 
 phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval, wall-clock
-  local dataset=$1 data=$2 out=$3 started=$SECONDS; shift 3
+  local dataset=$1 data=$2 out=$3 started=$SECONDS resume=(); shift 3
+  # A run already begun in OUT (an interrupted one, say) is resumed: complete phases are skipped,
+  # and its config.json must agree with the flags given now.
+  if [[ -f "$out/config.json" ]]; then
+    echo "run.sh: resuming $out (complete phases are skipped; for a new run delete it or set TELME_OUT)" >&2
+    resume=(--resume "$out")
+  fi
   # Phase 1, teacher (text only, opens no media).
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@" ${resume[@]+"${resume[@]}"}
   # Phase 2, audio then visual student, distilled from the frozen teacher.
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@" ${resume[@]+"${resume[@]}"}
   # Phase 3, shifting fusion on the frozen encoders' features.
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@" ${resume[@]+"${resume[@]}"}
   $PY telme.py eval --run "$out"
-  echo "$((SECONDS - started))" > "$out/wall_clock_s.tmp" && mv "$out/wall_clock_s.tmp" "$out/wall_clock_s"
+  # The wall-clock of a run done in one go (a resumed run's time is split over several).
+  if ((${#resume[@]} == 0)); then
+    echo "$((SECONDS - started))" > "$out/wall_clock_s.tmp" && mv "$out/wall_clock_s.tmp" "$out/wall_clock_s"
+  fi
 }
 
 demo() {  # demo [meld|iemocap]: one demo, or one per seed (--seeds N) and their summary
@@ -78,8 +92,8 @@ demo() {  # demo [meld|iemocap]: one demo, or one per seed (--seeds N) and their
   for ((seed = FIRST_SEED; seed < FIRST_SEED + SEEDS; seed++)); do
     started=$SECONDS
     $PY telme.py demo --dataset "$dataset" --out "$out/seed$seed" --seed "$seed"
-    echo "$((SECONDS - started))" > "$out/seed$seed/run/wall_clock_s"
-    runs+=("$out/seed$seed/run")
+    echo "$((SECONDS - started))" > "$out/seed$seed/wall_clock_s"
+    runs+=("$out/seed$seed")
   done
   $PY telme.py summarize --out "$out" "${runs[@]}"
 }

@@ -179,6 +179,7 @@ PRESETS = {
                     theta=0.2, heads=4, dropout=0.2),
 }
 PHASES = ("teacher", "audio", "visual", "fusion")
+AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp
 # The official code's behaviours that telme fixes by default (SPEC section 3), each with its switch;
 # D2 is the fusion's attention scope (asf_attention "batch"), D9 concerns only the official inference.
 OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling",
@@ -195,11 +196,16 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
     for name in ("epochs", "lr"):  # one number sets all three phases
         value = getattr(cfg, name)
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if len(value) not in (1, 3):
+            raise SystemExit(f"telme: --{name} takes one value or three (teacher,students,fusion), "
+                             f"not {len(value)}: {','.join(map(str, value))}")
         setattr(cfg, name, value * 3 if len(value) == 1 else value)
     cfg.cache_dir = cfg.cache_dir or os.environ.get("TELME_CACHE", str(Path.home() / ".cache" / "telme"))
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
     if cfg.asf_attention not in ("modality", "batch"):
         raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
+    if cfg.amp not in AUTOCAST_TYPES:
+        raise SystemExit(f"telme: --amp must be one of {', '.join(AUTOCAST_TYPES)}, not {cfg.amp!r}")
     if cfg.compat not in ("none", "official"):
         raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
     if cfg.compat == "official":  # D1-D8 together; without it each switch keeps its own value
@@ -208,6 +214,10 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         for d, name in OFFICIAL_SWITCHES.items():
             if d != "D8" or cfg.dataset == "meld":  # the official IEMOCAP code has no D8
                 setattr(cfg, name, True)
+    attended = cfg.feature_dim * (2 if cfg.asf_attention == "batch" else 1)  # see ShiftingFusion
+    if attended % cfg.heads:
+        raise SystemExit(f"telme: --heads {cfg.heads} does not divide the fusion's attention width "
+                         f"{attended} (--feature-dim {cfg.feature_dim}, --asf-attention {cfg.asf_attention})")
     return cfg
 
 
@@ -313,6 +323,8 @@ def csv_rows(path: Path, columns: list[str], dialogue_column: str):
                 raise DataError(f"{path}:2: no utterances after the header")
     except UnicodeDecodeError:
         raise DataError(f"{path}:{row_number + 1}: not UTF-8 text") from None
+    except csv.Error as error:  # e.g. an unclosed quote that runs on past the field size limit
+        raise DataError(f"{path}:{row_number + 1}: not a valid CSV row ({error})") from None
 
 
 def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int:
@@ -469,6 +481,10 @@ def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
 def load_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
     """The official split CSVs when --data-dir holds them, otherwise the raw release tree."""
     if (data_dir / IEMOCAP_CSV["train"]).is_file():
+        if not (data_dir / IEMOCAP_CSV["dev"]).is_file():
+            raise SystemExit(f"telme: {data_dir / IEMOCAP_CSV['dev']} not found; the official split "
+                             "CSVs are IEMOCAP_train.csv, IEMOCAP_dev.csv (which picks the best epoch) "
+                             "and IEMOCAP_test.csv")
         return {split: read_iemocap_csv(data_dir, split) for split in IEMOCAP_CSV
                 if (data_dir / IEMOCAP_CSV[split]).is_file()}
     if not (data_dir / IEMOCAP_SESSIONS[0]).is_dir():
@@ -1183,7 +1199,7 @@ def make_runtime(cfg: Config) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
+    amp = AUTOCAST_TYPES[cfg.amp]
     return Runtime(device, amp if device.type == "cuda" else None)
 
 
@@ -1801,8 +1817,14 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
 
     With `resume`, phases that completed are skipped and an interrupted one continues from its
     last checkpoint; without it, every phase named starts from scratch."""
-    rt = make_runtime(cfg)
     run = Path(cfg.out)
+    # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
+    earlier = PHASES[:PHASES.index(PHASE_GROUPS[phase][0])]
+    untrained = [p for p in earlier if not weights_path(run, p).is_file()]
+    if untrained:
+        raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs "
+                         f"them: train the earlier phases first")
+    rt = make_runtime(cfg)
     run.mkdir(parents=True, exist_ok=True)
     if resume:
         skipped = [p for p in PHASE_GROUPS[phase] if phase_complete(run, p)]
@@ -1933,10 +1955,11 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     return outputs
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True) -> dict:
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True, **moved) -> dict:
     """Recompute every trained phase's metrics from its saved weights; write metrics.json and
-    report.md (with confusion.png)."""
-    cfg = dataclasses.replace(read_run_config(run), quiet=quiet)
+    report.md (with confusion.png). `moved`: data_dir, cache_dir or device, where they are not
+    those of the run's config.json (another machine, a moved dataset)."""
+    cfg = dataclasses.replace(read_run_config(run), quiet=quiet, **moved)
     rt = make_runtime(cfg)
     splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
     classes = EMOTIONS[cfg.dataset]
@@ -2080,8 +2103,12 @@ def read_history(path: Path) -> list[tuple[str, str]]:
     """A dialogue history file: `Speaker: utterance` lines, blank lines skipped."""
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SystemExit(f"telme: {path}: not UTF-8 text") from None
     turns = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         speaker, colon, text = line.partition(":")
@@ -2491,12 +2518,13 @@ DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_to
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, quiet: bool = False) -> dict:
-    """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present."""
+    """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present.
+    `out` is the run directory; the demo's own inputs (data, models, media cache) go in out/inputs."""
     started = time.time()
-    data = synth(out / "data", dataset, dialogues, seed=seed)
+    data = synth(out / "inputs" / "data", dataset, dialogues, seed=seed)
     corpus = [u.text for utts in load_splits(make_config(dataset, data_dir=str(data))).values() for u in utts]
-    models = write_tiny_models(out / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
-    cfg = make_config(dataset, data_dir=str(data), out=str(out / "run"), cache_dir=str(out / "cache"),
+    models = write_tiny_models(out / "inputs" / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
+    cfg = make_config(dataset, data_dir=str(data), out=str(out), cache_dir=str(out / "inputs" / "cache"),
                       text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
                       seed=seed, quiet=quiet, **DEMO)
     train(cfg)
@@ -2805,8 +2833,12 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
         kind = {"int": int, "float": float, "str": str}.get(f.type)
         if f.type == "tuple":
             kind = parse_numbers(int if f.name == "epochs" else float)
+        default = f.default
+        if f.name in PRESETS["meld"]:  # the dataset's preset
+            default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{docs[f.name]} [default: {f.default}]")
+                            help=f"{docs[f.name]} [default: {default}]")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -2821,14 +2853,21 @@ RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "worker
 
 
 def resume_config(args: argparse.Namespace) -> Config:
-    """The interrupted run's own configuration, with only RESUME_OVERRIDES taken from the flags."""
+    """The interrupted run's own configuration. Flags may repeat its values (run.sh repeats its whole
+    command); only RESUME_OVERRIDES may change them."""
     names = {f.name for f in dataclasses.fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    changed = sorted(set(given) - set(RESUME_OVERRIDES))
+    saved = read_run_config(Path(args.resume))
+    if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
+        raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
+    requested = make_config(given.get("dataset", saved.dataset),
+                            **{k: v for k, v in given.items() if k != "dataset"})
+    changed = sorted(k for k in given if k not in RESUME_OVERRIDES
+                     and getattr(requested, k) != getattr(saved, k))
     if changed:
         raise SystemExit(f"telme: --resume continues {args.resume} with its own config.json; "
                          f"--{changed[0].replace('_', '-')} cannot be changed")
-    return dataclasses.replace(read_run_config(Path(args.resume)), out=args.resume, **given)
+    return dataclasses.replace(saved, out=args.resume, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
 
 
 def stats(cfg: Config) -> dict:
@@ -2853,6 +2892,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split whose per-class table is printed")
     eval_cmd.add_argument("--quiet", action="store_true")
+    for flag, what in (("--data-dir", "the dataset"), ("--cache-dir", "the media cache"),
+                       ("--device", "the device to run on")):
+        eval_cmd.add_argument(flag, help=f"{what}, where not as in the run's config.json")
     predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
                                       "text and dialogue history")
     predict_cmd.add_argument("--run", required=True, help="a trained run directory")
@@ -2930,7 +2972,8 @@ def main(argv=None) -> None:
         else:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
-        results = evaluate(Path(args.run), args.split, args.quiet)
+        moved = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
+        results = evaluate(Path(args.run), args.split, args.quiet, **moved)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":

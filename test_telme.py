@@ -270,7 +270,7 @@ def test_eval_scores_a_run_stopped_between_the_two_students(demo_run, tmp_path):
     the phases it has score as in the complete run."""
     out, results = demo_run
     run = tmp_path / "run"
-    shutil.copytree(out / "run", run)
+    shutil.copytree(out, run)
     for phase in ("visual", "fusion"):
         telme.weights_path(run, phase).unlink()
     partial = telme.evaluate(run, quiet=True)
@@ -281,7 +281,7 @@ def test_eval_scores_a_run_stopped_between_the_two_students(demo_run, tmp_path):
 
 def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
     out, results = demo_run
-    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
     for m in metrics.values():
         assert {"dev_wf1", "test_wf1", "best_epoch", "per_class", "confusion"} <= set(m)
@@ -292,16 +292,16 @@ def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
             r["support"] for r in m["per_class"]["test"].values())
         assert m["best_epoch"] >= 1
     assert metrics["fusion"]["test_wf1"] >= metrics["teacher"]["test_wf1"] + 5
-    config = json.loads((out / "run" / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert config["config"]["tau"] == 4.0 and "torch" in config["versions"]
     for phase in telme.PHASES:
-        assert (out / "run" / f"{phase}.safetensors").is_file()
+        assert (out / f"{phase}.safetensors").is_file()
 
 
 def test_eval_recomputes_the_training_metrics(demo_run):
     out, results = demo_run
     for phase, m in results.items():
-        log = (out / "run" / "train.log").read_text().splitlines()
+        log = (out / "train.log").read_text().splitlines()
         line = [l for l in log if l.startswith(f"[{phase:7s}] epoch {m['best_epoch']:2d}/")][0]
         assert f"dev_wf1 {m['dev_wf1']:6.2f}" in line
 
@@ -353,6 +353,7 @@ def meld_row(n, dialogue, utterance, emotion="joy"):
     ("header only", 2, "no utterances"),
     ("short row", 3, "fields"),
     ("dialogue not contiguous", 5, "rows of dialogue 0 are not contiguous"),
+    ("unclosed quote", 4, "not a valid CSV row"),
 ])
 def test_bad_meld_csv_is_one_line_naming_file_row_and_problem(tmp_path, case, row, problem):
     path = tmp_path / "train_sent_emo.csv"
@@ -368,6 +369,10 @@ def test_bad_meld_csv_is_one_line_naming_file_row_and_problem(tmp_path, case, ro
         write_rows(path, telme.MELD_COLUMNS, [])
     elif case == "short row":
         write_rows(path, telme.MELD_COLUMNS, [good[0], good[1][:4], good[2]])
+    elif case == "unclosed quote":  # the field runs on to the end of the file, past csv's size limit
+        write_rows(path, telme.MELD_COLUMNS, good[:2])
+        with open(path, "a") as f:
+            f.write('3,"' + "x" * 200_000 + "\n")
     else:
         write_rows(path, telme.MELD_COLUMNS, good + [meld_row(4, 0, 2)])
     write_meld_csv(tmp_path / "dev_sent_emo.csv", FIXTURE_ROWS)
@@ -730,6 +735,9 @@ def test_official_split_csvs_give_the_same_utterances(iemocap_synth, tmp_path):
                                                    video=u.video.replace(str(root), str(data)))
                          for u in utts] for split, utts in raw.items()}
     assert official == relocated
+    (data / "IEMOCAP_dev.csv").unlink()  # the best epoch is chosen on dev: required, as train's
+    with pytest.raises(SystemExit, match="IEMOCAP_dev.csv not found"):
+        telme.load_splits(telme.make_config("iemocap", data_dir=str(data)))
 
 
 def test_iemocap_synth_then_train_runs_end_to_end(iemocap_synth, tmp_path, tiny_models):
@@ -750,7 +758,7 @@ def run_predict(capsys, *args):
 
 def test_predict_gives_eval_probabilities_for_the_same_utterance_and_history(demo_run, tmp_path, capsys):
     out, _ = demo_run
-    run = out / "run"
+    run = out
     cfg = telme.read_run_config(run)
     test = telme.load_splits(cfg)["test"]
     dialogue = telme.dialogues(test)[1]
@@ -783,7 +791,7 @@ def test_predict_gives_eval_probabilities_for_the_same_utterance_and_history(dem
 
 def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, capsys):
     out, _ = demo_run
-    run = out / "run"
+    run = out
     text, frames, audio = telme.synth_utterance(3, 7, __import__("random").Random(5))
     telme.write_clip(tmp_path / "silent.avi", frames, telme.SYNTH_FPS)  # video stream only
     write_wav(tmp_path / "voice.wav", audio, telme.SYNTH_AUDIO_RATE)
@@ -800,6 +808,27 @@ def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, 
     (tmp_path / "bad.txt").write_text("Ross: hi\nno colon here\n")
     with pytest.raises(SystemExit, match=r"bad.txt:2: expected 'Speaker: utterance'"):
         run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "bad.txt")
+    (tmp_path / "latin1.txt").write_bytes("Ross: café\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"latin1.txt: not UTF-8 text$"):
+        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
+
+
+def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
+    """On another machine the run's config.json names folders that are not there: --data-dir and
+    --cache-dir point eval at the data's new place, with the same scores."""
+    out, results = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    shutil.copytree(out / "inputs" / "data", tmp_path / "moved")
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["data_dir"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="gone"):
+        telme.main(["eval", "--run", str(run), "--quiet"])
+    telme.main(["eval", "--run", str(run), "--quiet", "--data-dir", str(tmp_path / "moved"),
+                "--cache-dir", str(tmp_path / "cache")])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {p: metrics[p]["test_wf1"] for p in telme.PHASES} == {p: results[p]["test_wf1"] for p in telme.PHASES}
 
 
 def markdown_table(lines, first_cell):
@@ -816,7 +845,7 @@ def markdown_table(lines, first_cell):
 def test_report_numbers_equal_metrics_json(demo_run):
     from PIL import Image
     out, _ = demo_run
-    run = out / "run"
+    run = out
     metrics = json.loads((run / "metrics.json").read_text())
     lines = (run / "report.md").read_text().splitlines()
     phases = markdown_table(lines, "phase")
@@ -935,6 +964,30 @@ def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
         telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
 
 
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(epochs=(10, 10)), "--epochs takes one value or three (teacher,students,fusion), not 2"),
+    (dict(lr=(1e-5,) * 4), "--lr takes one value or three"),
+    (dict(amp="bf15"), "--amp must be one of bf16, fp16, off, not 'bf15'"),
+    (dict(heads=5), "--heads 5 does not divide the fusion's attention width 768"),
+    (dict(heads=3, feature_dim=80, compat="official"), "width 160 (--feature-dim 80, --asf-attention batch)"),
+])
+def test_bad_settings_stop_with_one_line_before_training(overrides, problem):
+    with pytest.raises(SystemExit) as stop:
+        telme.make_config("meld", **overrides)
+    assert problem in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_a_phase_before_its_earlier_phases_stops_before_reading_anything(tmp_path):
+    cfg = telme.make_config("meld", data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="has no teacher, audio, visual weights; --phase fusion needs them"):
+        telme.train(cfg, "fusion")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "teacher.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="has no audio, visual weights"):
+        telme.train(cfg, "fusion")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["teacher.safetensors"]  # nothing written
+
+
 def test_resume_keeps_the_run_configuration(tmp_path):
     telme.write_run_config(telme.make_config("meld", out=str(tmp_path), seed=7), telme.make_runtime(
         telme.make_config("meld", device="cpu")), tmp_path)
@@ -945,6 +998,13 @@ def test_resume_keeps_the_run_configuration(tmp_path):
         telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
     # How steps run may change: a compiled run that fails to compile resumes eagerly, and back.
     assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--compile"])).compile
+    # The run's own values may be repeated (run.sh repeats its whole command when it resumes).
+    same = ["--dataset", "meld", "--seed", "7", "--lr", "1e-6,1e-5,1e-5", "--out", str(tmp_path / ".")]
+    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), *same])).seed == 7
+    with pytest.raises(SystemExit, match="--seed cannot be changed"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--seed", "42"]))
+    with pytest.raises(SystemExit, match="name different runs"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--out", "elsewhere"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1240,18 +1300,18 @@ def write_official_checkpoint(directory: Path, states: dict) -> None:
 
 
 def import_args(demo_out: Path, official: Path, run: Path, *extra):
-    models = demo_out / "models"
+    models = demo_out / "inputs" / "models"
     return ["import-official", "--dir", str(official), "--dataset", "meld", "--out", str(run),
             "--text-model", str(models / "text"), "--audio-model", str(models / "audio"),
-            "--video-model", str(models / "video"), "--data-dir", str(demo_out / "data"),
-            "--cache-dir", str(demo_out / "cache"), "--quiet", "--feature-dim", "48", "--image-size", "32",
+            "--video-model", str(models / "video"), "--data-dir", str(demo_out / "inputs" / "data"),
+            "--cache-dir", str(demo_out / "inputs" / "cache"), "--quiet", "--feature-dim", "48", "--image-size", "32",
             "--max-text-tokens", "48", "--max-audio-samples", "48000", "--batch-size", "8", *extra]
 
 
 def test_import_official_gives_the_logits_of_the_same_weights_in_telme(demo_run, tmp_path):
     out, _ = demo_run
     from safetensors.torch import load_file
-    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    states = {phase: load_file(out / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
     torch.manual_seed(5)
     fusion = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").eval()  # the official scope (D2)
     states["fusion"] = fusion.state_dict()
@@ -1261,11 +1321,11 @@ def test_import_official_gives_the_logits_of_the_same_weights_in_telme(demo_run,
     config = json.loads((run / "config.json").read_text())
     assert config["official_behaviours"]["D2"] and not config["official_behaviours"]["D1"]
 
-    reference_cfg = telme.read_run_config(out / "run")
+    reference_cfg = telme.read_run_config(out)
     imported_cfg = telme.read_run_config(run)
     rt = telme.Runtime(torch.device("cpu"))
     splits = {s: u for s, u in telme.load_splits(reference_cfg).items() if s in ("dev", "test")}
-    reference = telme.frozen_outputs(reference_cfg, rt, out / "run", splits)
+    reference = telme.frozen_outputs(reference_cfg, rt, out, splits)
     imported = telme.frozen_outputs(imported_cfg, rt, run, splits)
     loaded = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch")
     telme.load_weights(loaded, telme.weights_path(run, "fusion"))
@@ -1287,7 +1347,7 @@ def test_import_official_gives_the_logits_of_the_same_weights_in_telme(demo_run,
 def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
     out, _ = demo_run
     from safetensors.torch import load_file
-    states = {phase: load_file(out / "run" / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
+    states = {phase: load_file(out / f"{phase}.safetensors") for phase in ("teacher", "audio", "visual")}
     states["fusion"] = telme.ShiftingFusion(48, 7, 3, 0.2, 0.1, "batch").state_dict()
     write_official_checkpoint(tmp_path / "good", states)
     telme.main(import_args(out, tmp_path / "good", tmp_path / "run"))
@@ -1350,7 +1410,7 @@ def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
 
 def test_summarize_a_real_run(demo_run, tmp_path):
     out, results = demo_run
-    summary = telme.summarize([out / "run"], tmp_path)
+    summary = telme.summarize([out], tmp_path)
     assert summary["phases"]["fusion"]["test_wf1"]["mean"] == pytest.approx(results["fusion"]["test_wf1"])
     assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
 
@@ -1360,9 +1420,8 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
     import subprocess
     log = tmp_path / "calls"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncommand=$2\n'  # then make the --out folder
-                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2/$([[ $command == demo ]] && echo run)"; '
-                    'shift; done\n')
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'  # then make the --out folder
+                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n')
     fake.chmod(0o755)
     (tmp_path / "meld" / "train_sent_emo.csv").parent.mkdir()
     (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
@@ -1387,7 +1446,34 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
     assert log.read_text().splitlines() == [
         f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42",
         f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43",
-        f"telme.py summarize --out {runs} {runs}/seed42/run {runs}/seed43/run"]
+        f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"]
+
+
+def test_run_sh_resumes_a_run_it_began(tmp_path):
+    """Run again on a folder that holds a run (config.json), the recipe resumes it: every train call
+    carries --resume, and no wall-clock is written for a run done in parts."""
+    import subprocess
+    log, fake = tmp_path / "calls", tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    (tmp_path / "meld").mkdir()
+    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    out = tmp_path / "runs"
+    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
+           "TELME_OUT": str(out)}
+    script = Path(telme.__file__).parent / "run.sh"
+    out.mkdir()
+    subprocess.run(["bash", str(script), "meld"], env=env, check=True)
+    trains = [c for c in log.read_text().splitlines() if c.startswith("telme.py train")]
+    assert len(trains) == 3 and not any("--resume" in c for c in trains)
+    assert (out / "wall_clock_s").is_file()
+    (out / "wall_clock_s").unlink()
+    log.unlink()
+    (out / "config.json").write_text("{}")
+    subprocess.run(["bash", str(script), "meld"], env=env, check=True)
+    trains = [c for c in log.read_text().splitlines() if c.startswith("telme.py train")]
+    assert len(trains) == 3 and all(c.endswith(f"--resume {out}") for c in trains)
+    assert not (out / "wall_clock_s").exists()
 
 
 def test_dockerfile_pins_the_torch_of_requirements_and_installs_them():
