@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # telme driver. Usage:
-#   bash run.sh demo [meld|iemocap]   # synthetic data + tiny models, all phases, offline, CPU (~2 min)
+#   bash run.sh demo [meld|iemocap] [--quiet]  # synthetic data + tiny models, all phases, offline, CPU (~2 min)
 #   bash run.sh test [pytest args]    # the test suite (CPU, a few minutes)
 #   bash run.sh meld [train flags]    # the paper's MELD recipe: prepare -> 3 phases -> eval (one GPU;
 #                                     # training steps compiled, --no-compile for eager)
 #   bash run.sh iemocap [train flags] # the paper's IEMOCAP recipe
-#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (2 CPU cores: ~15 min)
+#   bash run.sh bench [bench flags]   # decoding, cache and training-speed table (2 CPU cores: ~10 min)
 #   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
 #   runs/DATASET/summary.json and a table of mean ± std per phase
 #   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
@@ -85,13 +85,14 @@ phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval,
   fi
 }
 
-demo() {  # demo [meld|iemocap]: one demo, or one per seed (--seeds N) and their summary
-  local dataset=${1:-meld} out=${TELME_OUT:-runs/demo}
-  if [[ -z "$SEEDS" ]]; then $PY telme.py demo --dataset "$dataset" --out "$out"; return; fi
+demo() {  # demo [meld|iemocap] [demo flags]: one demo, or one per seed (--seeds N) and their summary
+  local dataset=meld out=${TELME_OUT:-runs/demo}
+  if [[ "${1:-}" == meld || "${1:-}" == iemocap ]]; then dataset=$1; shift; fi
+  if [[ -z "$SEEDS" ]]; then $PY telme.py demo --dataset "$dataset" --out "$out" "$@"; return; fi
   local runs=() seed started
   for ((seed = FIRST_SEED; seed < FIRST_SEED + SEEDS; seed++)); do
     started=$SECONDS
-    $PY telme.py demo --dataset "$dataset" --out "$out/seed$seed" --seed "$seed"
+    $PY telme.py demo --dataset "$dataset" --out "$out/seed$seed" --seed "$seed" "$@"
     echo "$((SECONDS - started))" > "$out/seed$seed/wall_clock_s"
     runs+=("$out/seed$seed")
   done
@@ -137,6 +138,7 @@ shift || true
 case "$command" in
   demo)
     take_counts "$@"
+    [[ -z "$GPUS" ]] || { echo "run.sh: --gpus is for meld and iemocap; the demo runs on one device" >&2; exit 2; }
     setup_python
     demo ${ARGS[@]+"${ARGS[@]}"}
     ;;

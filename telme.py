@@ -401,6 +401,11 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
             turns.append(Utterance(dialogue=dialog, speaker=iemocap_speaker(turn), text=text,
                                    label=classes.index(labels[turn]), video=video,
                                    audio=str(wav_dir / f"{turn}.wav"), start=start, end=end))
+    found = {Path(u.audio).stem for u in turns}
+    unmatched = sorted(t for t, label in labels.items() if label in classes and t not in found)
+    if unmatched:
+        warn(f"telme: {transcript}: no 'TURN [start-end]: text' line for {len(unmatched)} labelled "
+            f"turn(s), left out: {', '.join(unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}")
     return sorted(turns, key=lambda u: (u.start, u.audio))
 
 
@@ -472,6 +477,8 @@ def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
                     "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
                     "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
                     "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
+        if not (data_dir / MELD_SPLITS["test"][0]).is_file():
+            warn(f"telme: {data_dir / MELD_SPLITS['test'][0]} not found: no test split (test_wf1 null)")
         return {split: read_meld_split(data_dir, split) for split in MELD_SPLITS
                 if (data_dir / MELD_SPLITS[split][0]).is_file()}
     except DataError as error:
@@ -1247,6 +1254,12 @@ def log(message: str) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
+def warn(message: str) -> None:
+    """Data that is left out without stopping the run; on stderr, as stdout may be JSON (stats)."""
+    if is_main_process():
+        tqdm.write(message, file=sys.stderr)
+
+
 def progress(iterable, description: str, quiet: bool, **kwargs):
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
                 disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
@@ -1351,11 +1364,21 @@ def phase_complete(run: Path, phase: str) -> bool:
     return complete_marker(run, phase).is_file()
 
 
-def clear_checkpoints(run: Path, phases) -> None:
-    """A fresh (not resumed) run of these phases forgets any earlier run's progress on them."""
+def forget_phases(run: Path, phases) -> None:
+    """What an earlier run left of these phases (progress, weights, metrics): a fresh run of a phase
+    replaces it, and the phases after it were trained on the weights it replaces."""
+    stale = [p for p in phases if weights_path(run, p).is_file()]
+    if stale:
+        log(f"telme: {run}: a fresh run from the {phases[0]} phase removes the earlier "
+            f"{', '.join(stale)} weights")
     for phase in phases:
         checkpoint_path(run, phase).unlink(missing_ok=True)
         complete_marker(run, phase).unlink(missing_ok=True)
+        weights_path(run, phase).unlink(missing_ok=True)
+    metrics = run / "metrics.json"
+    if metrics.is_file():
+        kept = {p: m for p, m in json.loads(metrics.read_text()).items() if p not in phases}
+        atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
 
 
 def pack(value, name: str, tensors: dict):
@@ -1831,7 +1854,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
         log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
     elif is_main_process():
         write_run_config(cfg, rt, run)
-        clear_checkpoints(run, PHASE_GROUPS[phase])
+        forget_phases(run, PHASES[PHASES.index(PHASE_GROUPS[phase][0]):])
     barrier()  # every rank sees the same checkpoints when deciding what to skip
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())

@@ -676,6 +676,16 @@ def test_iemocap_unknown_label_names_file_and_line(iemocap_fixture):
     assert str(stop.value) == f"telme: {path}:3: unknown emotion 'angry'"
 
 
+def test_iemocap_labelled_turn_without_a_transcription_line_is_named(iemocap_fixture, capsys):
+    transcript = iemocap_fixture / "Session1" / "dialog" / "transcriptions" / "Ses01F_impro01.txt"
+    lines = transcript.read_text().splitlines(keepends=True)
+    transcript.write_text("".join(line for line in lines if not line.startswith("Ses01F_impro01_M001")))
+    splits = telme.load_splits(telme.make_config("iemocap", data_dir=str(iemocap_fixture)))
+    assert sum(len(u) for u in splits.values()) == 5
+    assert capsys.readouterr().err == (f"telme: {transcript}: no 'TURN [start-end]: text' line for 1 "
+                                       f"labelled turn(s), left out: Ses01F_impro01_M001\n")
+
+
 @pytest.fixture(scope="module")
 def iemocap_synth(tmp_path_factory):
     return telme.synth(tmp_path_factory.mktemp("iemocap") / "IEMOCAP_full_release", "iemocap", dialogues=8, seed=1)
@@ -811,6 +821,17 @@ def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, 
     (tmp_path / "latin1.txt").write_bytes("Ross: café\n".encode("latin-1"))
     with pytest.raises(SystemExit, match=r"latin1.txt: not UTF-8 text$"):
         run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
+
+
+def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path):
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    cfg = telme.dataclasses.replace(telme.read_run_config(run), out=str(run), epochs=(1, 1, 1))
+    telme.train(cfg, "teacher")
+    assert telme.trained_phases(run) == ["teacher"]
+    assert list(json.loads((run / "metrics.json").read_text())) == ["teacher"]
+    assert json.loads((run / "checkpoints" / "teacher.complete").read_text())["epochs"] == 1
 
 
 def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
@@ -1442,10 +1463,10 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
         assert (runs / f"seed{seed}" / "wall_clock_s").read_text().strip().isdigit()
     assert calls[-1] == f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"
     log.unlink()
-    subprocess.run(["bash", str(script), "demo", "iemocap", "--seeds", "2"], env=env, check=True)
+    subprocess.run(["bash", str(script), "demo", "iemocap", "--seeds", "2", "--quiet"], env=env, check=True)
     assert log.read_text().splitlines() == [
-        f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42",
-        f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43",
+        f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42 --quiet",
+        f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43 --quiet",
         f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"]
 
 
