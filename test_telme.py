@@ -1436,20 +1436,26 @@ def test_summarize_a_real_run(demo_run, tmp_path):
     assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
 
 
-def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
-    """run.sh with a stand-in python that records each telme.py command it is given."""
+def stand_in_run_sh(tmp_path, line="$*", make_out=True):
+    """run.sh with a stand-in python that appends `line` (by default the telme.py command it is
+    given) to tmp_path/calls, and makes the --out folder; MELD_DIR and TELME_OUT (tmp_path/runs) set.
+    Returns a function that runs `bash run.sh ARGS...`, and the log file."""
     import subprocess
-    log = tmp_path / "calls"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'  # then make the --out folder
-                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n')
+    log, fake = tmp_path / "calls", tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "{line}" >> {log}\n' + (
+        'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n' if make_out else ""))
     fake.chmod(0o755)
-    (tmp_path / "meld" / "train_sent_emo.csv").parent.mkdir()
+    (tmp_path / "meld").mkdir()
     (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
     env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
            "TELME_OUT": str(tmp_path / "runs")}
     script = Path(telme.__file__).parent / "run.sh"
-    subprocess.run(["bash", str(script), "meld", "--seeds", "2", "--lr", "1e-5"], env=env, check=True)
+    return lambda *args: subprocess.run(["bash", str(script), *args], env=env, check=True), log
+
+
+def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
+    run_sh, log = stand_in_run_sh(tmp_path)
+    run_sh("meld", "--seeds", "2", "--lr", "1e-5")
     calls = log.read_text().splitlines()
     assert calls[0].startswith("telme.py prepare --dataset meld") and calls[0].endswith("--lr 1e-5")
     # The recipe compiles the training steps; the user's flags come after, so --no-compile wins.
@@ -1463,7 +1469,7 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
         assert (runs / f"seed{seed}" / "wall_clock_s").read_text().strip().isdigit()
     assert calls[-1] == f"telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43"
     log.unlink()
-    subprocess.run(["bash", str(script), "demo", "iemocap", "--seeds", "2", "--quiet"], env=env, check=True)
+    run_sh("demo", "iemocap", "--seeds", "2", "--quiet")
     assert log.read_text().splitlines() == [
         f"telme.py demo --dataset iemocap --out {runs}/seed42 --seed 42 --quiet",
         f"telme.py demo --dataset iemocap --out {runs}/seed43 --seed 43 --quiet",
@@ -1473,25 +1479,17 @@ def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
 def test_run_sh_resumes_a_run_it_began(tmp_path):
     """Run again on a folder that holds a run (config.json), the recipe resumes it: every train call
     carries --resume, and no wall-clock is written for a run done in parts."""
-    import subprocess
-    log, fake = tmp_path / "calls", tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
-    fake.chmod(0o755)
-    (tmp_path / "meld").mkdir()
-    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    run_sh, log = stand_in_run_sh(tmp_path, make_out=False)
     out = tmp_path / "runs"
-    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
-           "TELME_OUT": str(out)}
-    script = Path(telme.__file__).parent / "run.sh"
     out.mkdir()
-    subprocess.run(["bash", str(script), "meld"], env=env, check=True)
+    run_sh("meld")
     trains = [c for c in log.read_text().splitlines() if c.startswith("telme.py train")]
     assert len(trains) == 3 and not any("--resume" in c for c in trains)
     assert (out / "wall_clock_s").is_file()
     (out / "wall_clock_s").unlink()
     log.unlink()
     (out / "config.json").write_text("{}")
-    subprocess.run(["bash", str(script), "meld"], env=env, check=True)
+    run_sh("meld")
     trains = [c for c in log.read_text().splitlines() if c.startswith("telme.py train")]
     assert len(trains) == 3 and all(c.endswith(f"--resume {out}") for c in trains)
     assert not (out / "wall_clock_s").exists()
@@ -1739,19 +1737,9 @@ def test_forward_only_batches_are_larger_only_where_batch_mates_cannot_change_an
 
 def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path):
     """--seeds 3 --gpus 2: seeds 42 and 43 on GPUs 0 and 1, then 44 on GPU 0; the summary last."""
-    import subprocess
-    log = tmp_path / "calls"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "gpu=${{CUDA_VISIBLE_DEVICES:-none}} $*" >> {log}\n'
-                    'while (($#)); do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n')
-    fake.chmod(0o755)
-    (tmp_path / "meld").mkdir()
-    (tmp_path / "meld" / "train_sent_emo.csv").write_text("")
+    run_sh, log = stand_in_run_sh(tmp_path, line="gpu=${CUDA_VISIBLE_DEVICES:-none} $*")
     runs = tmp_path / "runs"
-    env = {"PATH": "/usr/bin:/bin", "TELME_PYTHON": str(fake), "MELD_DIR": str(tmp_path / "meld"),
-           "TELME_OUT": str(runs)}
-    script = Path(telme.__file__).parent / "run.sh"
-    subprocess.run(["bash", str(script), "meld", "--seeds", "3", "--gpus", "2"], env=env, check=True)
+    run_sh("meld", "--seeds", "3", "--gpus", "2")
     calls = log.read_text().splitlines()
     for seed, gpu in ((42, 0), (43, 1), (44, 0)):
         mine = [c for c in calls if f"--out {runs}/seed{seed} " in c or c.endswith(f"--run {runs}/seed{seed}")]
