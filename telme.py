@@ -1593,6 +1593,12 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         done, best = restore_checkpoint(checkpoint, model, optimizer, schedule, scaler,
                                         loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
+        weights = weights_path(run, phase)
+        if (is_main_process() and best["best_epoch"] == done and not (
+                weights.is_file() and safetensors_metadata(weights).get("best_epoch") == str(done))):
+            # Stopped between this best epoch's checkpoint and its weights: the model just restored
+            # is that epoch's.
+            save_weights(model, weights, best_epoch=done, dev_wf1=best["dev_wf1"])
     trained = data_parallel(model, rt)
     if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
         trained = torch.compile(trained)
@@ -1619,8 +1625,6 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         loss = mean_over_ranks(total_loss).item() / steps
         if not is_main_process():  # rank 0 alone writes weights, logs and checkpoints
             continue
-        if improved:
-            save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
         test_wf1 = f"{reports['test']['wf1']:6.2f}" if "test" in reports else "   n/a"
         line = (f"[{phase:7s}] epoch {epoch:2d}/{epochs} loss {loss:.4f} "
                 f"dev_wf1 {dev_wf1:6.2f} test_wf1 {test_wf1} best_epoch {best['best_epoch']:2d} "
@@ -1628,8 +1632,12 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         log(line)
         with open(run / "train.log", "a") as f:
             f.write(line + "\n")
+        # The checkpoint first: it holds this epoch's model, so that a run stopped before the best
+        # weights are written below writes them when it resumes (see above).
         save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
                         loaders["train"].generator)
+        if improved:
+            save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
         update_metrics(run, phase, best)
         # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.

@@ -953,6 +953,29 @@ def test_resume_after_interruptions_ends_with_the_uninterrupted_metrics(tiny_set
     assert strip_time(run / "train.log") == strip_time(Path(tiny_setup("whole").out) / "train.log")
 
 
+def test_a_run_stopped_between_checkpoint_and_best_weights_resumes_with_them(tiny_setup, monkeypatch):
+    whole = telme.train(tiny_setup("teacher-whole"), "teacher")
+    assert whole["teacher"]["best_epoch"] == 1  # so the weights of the stopped epoch are the best
+    cfg = tiny_setup("teacher-stopped")
+    run = Path(cfg.out)
+    save = telme.save_weights
+
+    def stop_at_first_weights(module, path, **metadata):
+        if metadata["best_epoch"] == 1:
+            raise KeyboardInterrupt
+        save(module, path, **metadata)
+    monkeypatch.setattr(telme, "save_weights", stop_at_first_weights)
+    with pytest.raises(KeyboardInterrupt):
+        telme.train(cfg, "teacher")
+    assert telme.checkpoint_path(run, "teacher").is_file() and not telme.weights_path(run, "teacher").exists()
+    monkeypatch.undo()
+    resumed = telme.train(cfg, "teacher", resume=True)
+    assert resumed == whole
+    a = telme.load_file(telme.weights_path(Path(tiny_setup("teacher-whole").out), "teacher"))
+    b = telme.load_file(telme.weights_path(run, "teacher"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
