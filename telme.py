@@ -16,6 +16,8 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
     python telme.py bench                                   # decoding, cache and training-speed table
+    python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
+    python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
 
 Map of the file (paper order):
     Config and presets ............ every flag, with where its value comes from
@@ -25,7 +27,8 @@ Map of the file (paper order):
     4. Shifting fusion ............ ShiftingFusion (ASF)
     5. Training ................... the three phases, each selecting its best epoch on dev;
                                     checkpoints for --resume; DistributedDataParallel under torchrun
-    6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict
+    6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict;
+                                    the summary over seeds; importing the official checkpoints
     7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
     8. Benchmark .................. decoding, the caches and full-size training steps, as a table
     9. Command line
@@ -168,7 +171,7 @@ class Config:
     quiet: bool = False
     """no progress bars (they are also off when stderr is not a terminal)"""
     strict: bool = False
-    """any missing or undecodable clip exits non-zero before training (default: modality marked missing)"""
+    """any missing or undecodable clip exits non-zero before training (default: that modality replaced by zeros)"""
 
 
 # The official code's values per dataset (SPEC section 2); applied before command-line flags.
@@ -749,7 +752,7 @@ class MediaCache:
 
     An entry's key hashes the file's path, size and mtime with the settings, so a changed file or
     setting is decoded again and nothing else is. A clip that cannot be decoded leaves a `.err` file
-    holding the reason, and the utterance trains with that modality marked missing. Each entry is
+    holding the reason, and the utterance trains with zeros for that modality. Each entry is
     written atomically, so a prepare that is killed part-way leaves only whole entries and the next
     one decodes just what is missing.
     """
@@ -932,7 +935,8 @@ TIMESFORMER_IMAGE_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 @dataclass
 class Collate:
     """Pads a list of items into tensors: text left-padded (the mask stays last), audio right-padded
-    with an attention mask, frames normalised; a missing modality becomes zeros plus a flag."""
+    with an attention mask, frames normalised; a missing modality becomes zeros (silence, and
+    frames that are zero after normalisation), as nothing tells the model a modality is absent."""
 
     pad_id: int = 0
     image_mean: tuple = TIMESFORMER_IMAGE_STATS[0]
@@ -965,11 +969,12 @@ class Collate:
                 if w is not None:
                     first = length - n if self.audio_left_pad else 0
                     audio[row, first:first + n] = torch.from_numpy(w)
+                # A clip shorter than min_audio_samples (or none) is unmasked up to that length,
+                # silence included: data2vec's time masking needs that many frames in the mask.
                 mask[row, :max(n, self.min_audio_samples)] = 1
             if self.audio_left_pad:
                 mask.fill_(1)  # D3: the official model sees the padding zeros as sound
             batch["audio"], batch["audio_mask"] = audio, mask
-            batch["audio_missing"] = torch.tensor([w is None for w in waves])
         if "video" in items[0]:
             shape = (self.num_frames, self.image_size, self.image_size, 3)
             # Zeros after normalisation: a missing clip, and D8's stand-in for a long one (no frames).
@@ -982,7 +987,6 @@ class Collate:
             std = torch.tensor(self.image_std).view(1, 1, 3, 1, 1)
             video = (frames.permute(0, 1, 4, 2, 3).float() / 255 - mean) / std  # (B, T, 3, S, S)
             batch["video"] = video.masked_fill(torch.tensor(blank).view(-1, 1, 1, 1, 1), 0.0)
-            batch["video_missing"] = torch.tensor([it["video"] is None for it in items])
         return batch
 
 
@@ -1141,7 +1145,7 @@ class ShiftingFusion(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def displacement(self, f_t, f_a, f_v):
-        """lam and H of Eq. (shifting): the teacher's feature moves by lam * H."""
+        """lam and H of ASF steps 1-3 (SPEC section 2): the teacher's feature moves by lam * H."""
         n = torch.cat([f_a, f_v], dim=-1)  # (B, 2D)
         if self.attention_scope == "modality":
             tokens = torch.stack([f_a, f_v])  # (2, B, D): sequence, batch, features
@@ -1365,8 +1369,9 @@ def phase_complete(run: Path, phase: str) -> bool:
 
 
 def forget_phases(run: Path, phases) -> None:
-    """What an earlier run left of these phases (progress, weights, metrics): a fresh run of a phase
-    replaces it, and the phases after it were trained on the weights it replaces."""
+    """Delete what an earlier run left of these phases (checkpoints, markers, weights, metrics.json
+    entries): a fresh run of a phase replaces it, and the phases after it were trained on the
+    weights it replaces."""
     stale = [p for p in phases if weights_path(run, p).is_file()]
     if stale:
         log(f"telme: {run}: a fresh run from the {phases[0]} phase removes the earlier "
@@ -1710,10 +1715,10 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
         for kind in reasons:
             faults[kind] += 1
         if len(reasons) == 2 and u.audio == u.video and len(set(reasons.values())) == 1:
-            log(f"media fault: {u.video}: {reasons['video']} (audio and video marked missing)")
+            log(f"media fault: {u.video}: {reasons['video']} (audio and video replaced by zeros)")
             continue
         for kind, reason in reasons.items():
-            log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} marked missing)")
+            log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} replaced by zeros)")
     decoded = (f"; {counts['clips']} clips decoded in {counts['seconds']:.0f} s "
                f"({counts['clips'] / counts['seconds']:.1f} clips/s)" if counts["clips"] else "")
     log(f"media: {len(everything)} utterances, {counts['cached']} entries cached, "
@@ -1753,13 +1758,13 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
-        loss_fn = distillation_step_loss(forward, t_features, t_logits, cfg)
+        loss_fn = student_step_loss(forward, t_features, t_logits, cfg)
         results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
                              cfg, rt, run)
     return results
 
 
-def distillation_step_loss(forward, t_features: torch.Tensor, t_logits: torch.Tensor, cfg: Config):
+def student_step_loss(forward, t_features: torch.Tensor, t_logits: torch.Tensor, cfg: Config):
     """A student's loss on a batch, against the frozen teacher's outputs for the batch's utterances."""
     def loss_fn(model, batch):
         s_features, s_logits = forward(model, batch)
@@ -1780,9 +1785,6 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i):
         return {"index": i, **{k: v[i] for k, v in self.features.items()}}
 
-    @property
-    def utterance_labels(self):
-        return self.features["label"]
 
 
 def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None,
@@ -1847,7 +1849,8 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out.
 
     With `resume`, phases that completed are skipped and an interrupted one continues from its
-    last checkpoint; without it, every phase named starts from scratch."""
+    last checkpoint; without it, every phase named starts from scratch, and what an earlier run
+    left of it and of the phases after it is deleted (forget_phases)."""
     run = Path(cfg.out)
     # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
     earlier = PHASES[:PHASES.index(PHASE_GROUPS[phase][0])]
@@ -1940,7 +1943,7 @@ def classification_report(logits: torch.Tensor, labels: np.ndarray, classes: lis
 
 def dataset_labels(dataset) -> np.ndarray:
     if isinstance(dataset, FeatureDataset):
-        return dataset.utterance_labels.numpy()
+        return dataset.features["label"].numpy()
     return np.array([u.label for u in dataset.utterances])
 
 
@@ -1986,11 +1989,11 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     return outputs
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True, **moved) -> dict:
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True, **overrides) -> dict:
     """Recompute every trained phase's metrics from its saved weights; write metrics.json and
-    report.md (with confusion.png). `moved`: data_dir, cache_dir or device, where they are not
+    report.md (with confusion.png). `overrides`: data_dir, cache_dir or device, where they are not
     those of the run's config.json (another machine, a moved dataset)."""
-    cfg = dataclasses.replace(read_run_config(run), quiet=quiet, **moved)
+    cfg = dataclasses.replace(read_run_config(run), quiet=quiet, **overrides)
     rt = make_runtime(cfg)
     splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
     classes = EMOTIONS[cfg.dataset]
@@ -2153,7 +2156,7 @@ def predict(run: Path, text: str, video: str | None = None, audio: str | None = 
             history: list[tuple[str, str]] = (), speaker: str = NEW_SPEAKER, device: str = "auto") -> dict:
     """Every trained phase's class probabilities for one utterance, through the same prompt,
     decoding and collation as training and eval. A modality that is absent (no file, no stream)
-    goes in as zeros with its missing flag, as an undecodable clip does in training."""
+    goes in as zeros, as an undecodable clip does in training."""
     cfg = dataclasses.replace(read_run_config(run), device=device, quiet=True)
     rt = make_runtime(cfg)
     classes, trained = EMOTIONS[cfg.dataset], trained_phases(run)
@@ -2204,7 +2207,7 @@ def print_prediction(result: dict, all_phases: bool) -> None:
     shown = list(result["phases"]) if all_phases else [result["model"]]
     print(f"{result['model']}: {result['prediction']}")
     for kind, reason in result["missing"].items():
-        print(f"{kind} missing ({reason}): predicted from the other modalities")
+        print(f"{kind} missing ({reason}): zeros in its place, as in training")
     print("\n| class      | " + " | ".join(f"{p:>7s}" for p in shown) + " |")
     print("|------------|" + "---------|" * len(shown))
     for c in result["probabilities"]:
@@ -2658,7 +2661,7 @@ def bench_phase(job: tuple) -> dict:
         kind, forward = ("audio", audio_forward) if phase == "audio" else ("video", video_forward)
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
         dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
-        loss_fn = distillation_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
+        loss_fn = student_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
                                          torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
     trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
@@ -2960,7 +2963,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("--fusion-file", default=OFFICIAL_FILES["fusion"],
                             help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
-    demo_cmd.add_argument("--out", default="runs/demo")
+    demo_cmd.add_argument("--out", default="runs/demo", help="the run directory; the demo's data, "
+                          "models and media cache go in OUT/inputs [default: runs/demo]")
     demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
     demo_cmd.add_argument("--seed", type=int, default=42)
     demo_cmd.add_argument("--quiet", action="store_true")
@@ -3003,8 +3007,8 @@ def main(argv=None) -> None:
         else:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
-        moved = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, **moved)
+        overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
+        results = evaluate(Path(args.run), args.split, args.quiet, **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":

@@ -80,6 +80,29 @@ def test_fusion_shapes_and_bounded_shift(attention):
     assert torch.all(lam <= 1)
 
 
+@pytest.mark.parametrize("theta, shift_bounded", [(0.1, True), (100.0, False)])
+def test_fusion_follows_the_asf_steps_of_the_spec(theta, shift_bounded):
+    """ASF (SPEC section 2, steps 1-4) re-derived from the module's weights without its forward:
+    attention over the two tokens [F_A, F_V] of each utterance, A, g, H, lambda, Z and the logits."""
+    f_t, f_a, f_v = fusion_inputs()
+    batch, dim, heads = 6, 24, 3
+    m = telme.ShiftingFusion(dim, 7, heads=heads, dropout=0.2, theta=theta).eval()
+    tokens = torch.stack([f_a, f_v], dim=1)  # (B, 2, D)
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = m.attention.in_proj_weight.split(dim), m.attention.in_proj_bias.split(dim)
+    q, k, v = ((tokens @ w.T + b).view(batch, 2, heads, dim // heads).transpose(1, 2)
+               for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))  # (B, heads, 2, D/heads)
+    mixed = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1) @ v
+    attended = mixed.transpose(1, 2).reshape(batch, 2, dim) @ m.attention.out_proj.weight.T + m.attention.out_proj.bias
+    n = torch.cat([f_a, f_v], dim=-1)
+    a = F.layer_norm(attended.reshape(batch, 2 * dim) + n, (2 * dim,), m.student_norm.weight, m.student_norm.bias)
+    g = torch.relu(torch.cat([a, f_t], dim=-1) @ m.gate.weight.T + m.gate.bias)
+    h = g * (a @ m.shift.weight.T + m.shift.bias)
+    lam = torch.clamp(theta * f_t.norm(dim=-1) / (h.norm(dim=-1) + 1e-6), max=1.0)
+    assert bool((lam < 1).all()) == shift_bounded and bool((lam == 1).all()) != shift_bounded
+    z = F.layer_norm(f_t + lam[:, None] * h, (dim,), m.output_norm.weight, m.output_norm.bias)
+    assert torch.allclose(m(f_t, f_a, f_v), z @ m.classifier.weight.T + m.classifier.bias, atol=1e-5)
+
+
 def test_fusion_modality_attention_is_per_sample_and_batch_attention_is_not():
     f_t, f_a, f_v = fusion_inputs()
     order = torch.tensor([3, 0, 5, 1, 4, 2])
@@ -216,13 +239,15 @@ def write_wav(path: Path, samples: np.ndarray, rate: int):
 def test_audio_resampled_to_16k_mono_with_the_right_length_and_pitch(tmp_path):
     rate, seconds = 22050, 1.5
     t = np.arange(int(rate * seconds)) / rate
-    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
-    write_wav(tmp_path / "tone.wav", np.stack([tone, -tone * 0 + tone]), rate)
+    left, right = (0.5 * np.sin(2 * np.pi * pitch * t) for pitch in (1000, 3000))
+    write_wav(tmp_path / "tone.wav", np.stack([left, right]), rate)
     waveform = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 400000)
     assert waveform.dtype == np.float32 and waveform.ndim == 1
     assert len(waveform) == 24000
-    spectrum = np.abs(np.fft.rfft(waveform))
-    assert abs(np.argmax(spectrum) * 16000 / len(waveform) - 1000) < 2
+    # Mono is the channels' mean: each tone at half its amplitude, at its own pitch.
+    amplitude = 2 * np.abs(np.fft.rfft(waveform)) / len(waveform)  # bin k: k * 16000 / 24000 Hz
+    assert sorted(np.argsort(amplitude)[-2:] * 16000 / len(waveform)) == [1000, 3000]
+    assert np.allclose(amplitude[[1500, 4500]], 0.25, atol=0.01)
     # Only the last max_samples are kept.
     tail = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 1000)
     assert np.allclose(tail, waveform[-1000:], atol=1e-6)
@@ -300,10 +325,10 @@ def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
 
 def test_eval_recomputes_the_training_metrics(demo_run):
     out, results = demo_run
-    for phase, m in results.items():
-        log = (out / "train.log").read_text().splitlines()
+    log = (out / "train.log").read_text().splitlines()
+    for phase, m in results.items():  # eval's scores are the ones training logged at the best epoch
         line = [l for l in log if l.startswith(f"[{phase:7s}] epoch {m['best_epoch']:2d}/")][0]
-        assert f"dev_wf1 {m['dev_wf1']:6.2f}" in line
+        assert f"dev_wf1 {m['dev_wf1']:6.2f} test_wf1 {m['test_wf1']:6.2f}" in line
 
 
 def test_config_presets_and_overrides():
@@ -560,7 +585,7 @@ def faulty_meld(tmp_path):
     return data
 
 
-def test_media_faults_are_logged_counted_and_marked_missing(tmp_path, faulty_meld, capsys):
+def test_media_faults_are_logged_counted_and_become_zeros(tmp_path, faulty_meld, capsys):
     cfg = telme.make_config("meld", data_dir=str(faulty_meld), cache_dir=str(tmp_path / "cache"),
                             workers=1, quiet=True)
     splits = telme.load_splits(cfg)
@@ -572,13 +597,11 @@ def test_media_faults_are_logged_counted_and_marked_missing(tmp_path, faulty_mel
         for u in range(1, 5):  # the four faulty clips of MELD_FAULTS[1:5]
             line = [f for f in faults if f"train_splits/dia0_utt{u}.mp4: " in f]
             assert len(line) == 1
-        assert "file not found (audio and video marked missing)" in "\n".join(faults)
-        assert "no audio stream (audio marked missing)" in "\n".join(faults)
+        assert "file not found (audio and video replaced by zeros)" in "\n".join(faults)
+        assert "no audio stream (audio replaced by zeros)" in "\n".join(faults)
         assert "14 faults (audio 8, video 6)" in lines[-1]
     batch = telme.make_collate(cfg)([telme.UtteranceDataset(splits["train"], media=media,
                                                             kinds=("audio", "video"))[i] for i in range(6)])
-    assert batch["audio_missing"].tolist() == [False, True, True, True, True, False]
-    assert batch["video_missing"].tolist() == [False, True, True, True, False, False]
     assert batch["audio"][1:5].abs().sum() == 0 and batch["audio"][[0, 5]].abs().sum() > 0
     assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
 
@@ -594,10 +617,15 @@ def test_strict_stops_before_training(tmp_path, faulty_meld, capsys):
         telme.main(["prepare"] + args[1:-6] + args[-5:])
 
 
-def test_training_runs_with_faulty_media_marked_missing(tmp_path, faulty_meld, tiny_models):
+def test_training_with_faulty_media_scores_every_utterance(tmp_path, faulty_meld, tiny_models):
     cfg = tiny_config("meld", faulty_meld, tmp_path, tiny_models, batch_size=3)
     metrics = telme.train(cfg)
     assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
+    splits = telme.load_splits(cfg)
+    for phase in telme.PHASES:  # the dev utterances with faulty clips are scored too, with zeros
+        assert list(metrics[phase]["per_class"]) == ["dev"]  # this dataset has no test split
+        support = sum(c["support"] for c in metrics[phase]["per_class"]["dev"].values())
+        assert support == len(splits["dev"]), phase
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1171,7 +1199,6 @@ def test_d8_official_long_clips_become_zeros(tmp_path):
     batch = telme.Collate(num_frames=4, image_size=16)([{"index": 0, "label": 0, "video": frames["long"]},
                                                         {"index": 1, "label": 0, "video": frames["short"]}])
     assert not batch["video"][0].any() and batch["video"][1].abs().min() > 0.1
-    assert not batch["video_missing"].any()
     # The official IEMOCAP code has no such rule: --compat official leaves D8 off there.
     iemocap = telme.make_config("iemocap", compat="official")
     assert [d for d, on in telme.compat_switches(iemocap).items() if not on] == ["D8"]
@@ -1607,7 +1634,7 @@ def test_cached_reads_are_memory_mapped_equal_the_decoder_and_open_no_media(tmp_
             assert np.array_equal(item[kind], expected[kind, i])
     assert expected["audio", 0].dtype == np.float16 and expected["video", 0].shape == (4, 16, 16, 3)
     batch = telme.Collate(num_frames=4, image_size=16)([dataset[0], dataset[1]])
-    assert batch["video"].shape == (2, 4, 3, 16, 16) and not batch["audio_missing"].any()
+    assert batch["video"].shape == (2, 4, 3, 16, 16) and batch["audio"].abs().sum(1).min() > 0
 
 
 KILLED_PREPARE = """
@@ -1673,7 +1700,7 @@ def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, 
         return telme.decode_media(kind, path, start, end, self.settings[kind])
 
     monkeypatch.setattr(telme.MediaCache, "prepare", lambda self, *args, **kwargs: dict(
-        cached=0, decoded=0, failed=0, clips=0, seconds=0.0))
+        cached=0, decoded=0, clips=0, workers=0, seconds=0.0))
     monkeypatch.setattr(telme.MediaCache, "load", decode_on_the_fly)
     uncached = run("uncached")
     assert not (tmp_path / "cache-uncached").exists()
