@@ -65,22 +65,23 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (-
 }
 
 phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval, wall-clock
-  local dataset=$1 data=$2 out=$3 started=$SECONDS resume=(); shift 3
+  local dataset=$1 data=$2 out=$3 started=$SECONDS resumed=""; shift 3
   # A run already begun in OUT (an interrupted one, say) is resumed: complete phases are skipped,
   # and its config.json must agree with the flags given now.
   if [[ -f "$out/config.json" ]]; then
     echo "run.sh: resuming $out (complete phases are skipped; for a new run delete it or set TELME_OUT)" >&2
-    resume=(--resume "$out")
+    resumed=1
+    set -- "$@" --resume "$out"
   fi
   # Phase 1, teacher (text only, opens no media).
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@" ${resume[@]+"${resume[@]}"}
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase teacher "$@"
   # Phase 2, audio then visual student, distilled from the frozen teacher.
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@" ${resume[@]+"${resume[@]}"}
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@"
   # Phase 3, shifting fusion on the frozen encoders' features.
-  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@" ${resume[@]+"${resume[@]}"}
+  "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
   $PY telme.py eval --run "$out"
   # The wall-clock of a run done in one go (a resumed run's time is split over several).
-  if ((${#resume[@]} == 0)); then
+  if [[ -z "$resumed" ]]; then
     echo "$((SECONDS - started))" > "$out/wall_clock_s.tmp" && mv "$out/wall_clock_s.tmp" "$out/wall_clock_s"
   fi
 }

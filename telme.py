@@ -1786,7 +1786,6 @@ class FeatureDataset(Dataset):
         return {"index": i, **{k: v[i] for k, v in self.features.items()}}
 
 
-
 def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None,
                    encoders=("teacher", "audio", "visual")) -> dict:
     """For each split: the features F_<phase> and logits z_<phase> of the frozen `encoders`, computed
@@ -1852,9 +1851,9 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     last checkpoint; without it, every phase named starts from scratch, and what an earlier run
     left of it and of the phases after it is deleted (forget_phases)."""
     run = Path(cfg.out)
+    first = PHASES.index(PHASE_GROUPS[phase][0])
     # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
-    earlier = PHASES[:PHASES.index(PHASE_GROUPS[phase][0])]
-    untrained = [p for p in earlier if not weights_path(run, p).is_file()]
+    untrained = [p for p in PHASES[:first] if not weights_path(run, p).is_file()]
     if untrained:
         raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs "
                          f"them: train the earlier phases first")
@@ -1865,7 +1864,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
         log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
     elif is_main_process():
         write_run_config(cfg, rt, run)
-        forget_phases(run, PHASES[PHASES.index(PHASE_GROUPS[phase][0]):])
+        forget_phases(run, PHASES[first:])
     barrier()  # every rank sees the same checkpoints when deciding what to skip
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
@@ -2662,7 +2661,7 @@ def bench_phase(job: tuple) -> dict:
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
         dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
         loss_fn = student_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
-                                         torch.randn(n, classes, device=rt.device), cfg)
+                                    torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
     trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
