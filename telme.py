@@ -573,8 +573,32 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
         for k in range(len(dialogue)):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
             prompt = f"{history} {tokenizer.sep_token} Now {speakers[k]} feels"
-            tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            tokens = prompt_token_ids(prompt, tokenizer)
             ids.append(tokens[-(max_tokens - 1):] + [tokenizer.mask_token_id])
+    return ids
+
+
+SPEAKER_SPLIT = re.compile("(" + "|".join(map(re.escape, SPEAKER_TOKENS)) + ")")
+
+
+def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
+    """The prompt's ids as the paper's teacher read them: split on the speaker tokens, the
+    whitespace on both sides of each speaker token dropped, each piece between them encoded on its
+    own. The official code's tokenizer (the slow RobertaTokenizer of transformers 4.27) did this
+    with the speaker tokens it was given as plain strings, while the separator keeps its spaces;
+    a fast tokenizer would keep them, giving a lone-space token before each speaker token and a
+    leading-space marker on each word after one. Whitespace-splitting (WordPiece) tokenizers give
+    the same ids either way."""
+    pieces = SPEAKER_SPLIT.split(prompt)  # text, speaker, text, ..., text
+    ids = []
+    for i, piece in enumerate(pieces):
+        if i % 2:  # a speaker token
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            continue
+        piece = piece.lstrip() if i > 0 else piece
+        piece = piece.rstrip() if i < len(pieces) - 1 else piece
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
 
 

@@ -193,6 +193,59 @@ def test_teacher_input_prompt_truncation_and_left_padding(meld_fixture, make_tok
     assert batch["input_ids"][shortest, 0] == tokenizer.pad_token_id
 
 
+def byte_level_bpe_tokenizer():
+    """A RoBERTa-style (byte-level BPE) tokenizer trained offline, whole words in its vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Oh my God!", "Yes", "feels", "Now feels", "Yes Now"] * 5, vocab_size=300,
+                            min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                     pad_token="<pad>", mask_token="<mask>")
+    telme.add_speaker_tokens(tokenizer)
+    return tokenizer
+
+
+def test_teacher_ids_drop_the_spaces_beside_speaker_tokens_as_the_paper_teacher_read_them():
+    tokenizer = byte_level_bpe_tokenizer()
+    prompt = "<s1> Oh my God! <s2> Yes </s> Now <s2> feels"
+    expected = ["<s1>", "Oh", "Ġmy", "ĠGod", "!", "<s2>", "Yes", "Ġ", "</s>", "ĠNow", "<s2>", "feels"]
+    assert tokenizer.convert_ids_to_tokens(telme.prompt_token_ids(prompt, tokenizer)) == expected
+    # The tokenizer on the whole string keeps a space token before every later speaker token.
+    whole = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert whole != expected and whole.count("Ġ") > expected.count("Ġ")
+    # The same through teacher_input_ids, then truncated to the last tokens and the mask.
+    said = [("Ross", "Oh my God!"), ("Rachel", "Yes")]
+    utterances = [telme.Utterance("0", who, text, 0, "", "") for who, text in said]
+    full, short = (telme.teacher_input_ids(utterances, tokenizer, n)[-1] for n in (512, 5))
+    assert tokenizer.convert_ids_to_tokens(full) == expected + ["<mask>"]
+    assert tokenizer.convert_ids_to_tokens(short) == ["</s>", "ĠNow", "<s2>", "feels", "<mask>"]
+
+
+def test_teacher_ids_of_a_wordpiece_tokenizer_are_those_of_the_whole_prompt(meld_fixture):
+    utterances = telme.read_meld_split(meld_fixture, "train")
+    for tokenizer in (bert_style_tokenizer(), bert_wordpiece_tokenizer()):
+        telme.add_speaker_tokens(tokenizer)
+        ids = telme.teacher_input_ids(utterances, tokenizer, 512)
+        speakers = ["<s1>", "<s2>", "<s1>", "<s1>", "<s2>"]
+        for k, u in enumerate(utterances):
+            first = 0 if k < 3 else 3
+            history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[first:k + 1], utterances[first:k + 1]))
+            whole = tokenizer(f"{history} {tokenizer.sep_token} Now {speakers[k]} feels",
+                              add_special_tokens=False)["input_ids"]
+            assert ids[k] == whole + [tokenizer.mask_token_id]
+
+
+def bert_wordpiece_tokenizer():
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator([r[4] for r in FIXTURE_ROWS] + ["Now feels"], vocab_size=200, min_frequency=1)
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
+                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+
+
 def test_teacher_pools_the_mask_position():
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
@@ -1337,8 +1390,11 @@ def test_d6_official_speakers_past_the_ninth_are_plain_text():
     tokenizer = roberta_style_tokenizer()
     telme.add_speaker_tokens(tokenizer)
     prompt = telme.teacher_input_ids(utterances, tokenizer, 512, official)[-1]
-    history = " ".join(f"<s{i}> x" for i in range(1, 13))
-    expected = tokenizer(f"{history} </s> Now <s12> feels", add_special_tokens=False)["input_ids"]
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # <s1> .. <s9> split the prompt (the spaces beside them dropped); the rest is one piece of text.
+    expected = [i for k in range(1, 9) for i in [tokenizer.convert_tokens_to_ids(f"<s{k}>"), *encode("x")]]
+    expected += [tokenizer.convert_tokens_to_ids("<s9>")] + encode("x <s10> x <s11> x <s12> x </s> Now <s12> feels")
     assert prompt == expected + [tokenizer.mask_token_id]
     assert prompt.count(tokenizer.convert_tokens_to_ids("<s9>")) == 1
 
