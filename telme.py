@@ -264,12 +264,14 @@ MELD_C1_PUNCTUATION = str.maketrans({
 })
 
 # IEMOCAP as released (IEMOCAP_full_release/SessionN/, SPEC section 4). Session 5 is the test split;
-# dev is a tenth of the Session 1-4 dialogues (12 of 120), drawn by IEMOCAP_DEV_SEED from their
-# sorted names, fixed so that the split does not move with --seed.
+# dev is the 12 Session 1-4 dialogues of the official code's IEMOCAP_dev.csv (647 utterances), which
+# chose the paper's best epochs; train the other 108.
 IEMOCAP_SESSIONS = ("Session1", "Session2", "Session3", "Session4", "Session5")
 IEMOCAP_TEST_SESSION = "Session5"
-IEMOCAP_DEV_FRACTION = 0.1
-IEMOCAP_DEV_SEED = 0
+IEMOCAP_DEV_DIALOGUES = frozenset({
+    "Ses01M_impro01", "Ses01M_script03_1", "Ses02F_impro02", "Ses02F_impro07", "Ses02M_script01_2",
+    "Ses03F_impro01", "Ses03M_impro02", "Ses03M_impro08a", "Ses03M_script02_2", "Ses03M_script03_2",
+    "Ses04F_impro07", "Ses04F_script02_1"})
 IEMOCAP_DROPPED = {"xxx", "oth", "sur", "fea", "dis"}  # labels outside the six classes (SPEC section 4)
 # `Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.`; other transcription lines are not turns.
 IEMOCAP_TURN = re.compile(r"^(\S+) \[(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)\]:\s?(.*)$")
@@ -412,15 +414,8 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
     return sorted(turns, key=lambda u: (u.start, u.audio))
 
 
-def iemocap_dev_dialogues(names: list[str]) -> set[str]:
-    """The documented dev rule: IEMOCAP_DEV_FRACTION of the Session 1-4 dialogues (12 of 120),
-    random.Random(IEMOCAP_DEV_SEED).sample of their sorted names."""
-    count = max(1, round(len(names) * IEMOCAP_DEV_FRACTION))
-    return set(random.Random(IEMOCAP_DEV_SEED).sample(sorted(names), count))
-
-
 def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
-    """train, dev and test from the raw release tree: Session 5 is test, dev per the rule above."""
+    """train, dev and test from the raw release tree: Session 5 is test, dev the official 12 dialogues."""
     by_session = {}
     for session in IEMOCAP_SESSIONS:
         transcripts = data_dir / session / "dialog" / "transcriptions"
@@ -431,7 +426,10 @@ def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
                    if session != IEMOCAP_TEST_SESSION for name, turns in dialogs.items() if turns}
     if not development:
         raise DataError(f"{data_dir}: no labelled turns in Session1-4/dialog/transcriptions")
-    dev = iemocap_dev_dialogues(list(development))
+    dev = IEMOCAP_DEV_DIALOGUES & set(development)
+    if not dev:
+        raise DataError(f"{data_dir}: none of the official dev dialogues ({', '.join(sorted(IEMOCAP_DEV_DIALOGUES))}) "
+                        "holds labelled turns in Session1-4")
     splits = {"train": [u for name in sorted(development) if name not in dev for u in development[name]],
               "dev": [u for name in sorted(dev) for u in development[name]]}
     if IEMOCAP_TEST_SESSION in by_session:
@@ -2479,11 +2477,11 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
     the release's line formats, one 16 kHz wav per turn and one avi holding every turn of both
     speakers, separated by grey. Some turns carry labels outside the six classes (xxx, oth, ...)."""
     classes = EMOTIONS["iemocap"]
-    names: dict[str, list[str]] = {session: [] for session in IEMOCAP_SESSIONS}
+    counts = {session: 0 for session in IEMOCAP_SESSIONS}
     for index in range(dialogues + max(2, dialogues // 4)):
-        session = IEMOCAP_SESSIONS[index % 4] if index < dialogues else IEMOCAP_TEST_SESSION
-        k = len(names[session])
-        names[session].append(f"Ses0{session[-1]}{'FM'[k % 2]}_{('impro', 'script')[k // 2 % 2]}{k // 4 + 1:02d}")
+        counts[IEMOCAP_SESSIONS[index % 4] if index < dialogues else IEMOCAP_TEST_SESSION] += 1
+    names = {session: list(itertools.islice(synth_dialogue_names(session), count))
+             for session, count in counts.items()}
     for number, (session, dialogs) in enumerate(names.items(), start=1):
         root = out / session
         # The release spells the video folder DivX in some sessions and Divx in others.
@@ -2515,6 +2513,18 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
                 (root / "dialog" / folder).mkdir(parents=True, exist_ok=True)
                 (root / "dialog" / folder / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
     return out
+
+
+def synth_dialogue_names(session: str):
+    """Dialogue names of one synthetic session: Sessions 1-4 open with one of the official dev
+    dialogues (so that the dev split is never empty), then names in the release's pattern that are
+    none of them (Ses01F_impro01, Ses01M_impro01 ... Ses01M_script01, Ses01F_impro02, ...)."""
+    prefix = f"Ses0{session[-1]}"
+    yield from sorted(name for name in IEMOCAP_DEV_DIALOGUES if name.startswith(prefix))[:1]
+    for k in itertools.count():
+        name = f"{prefix}{'FM'[k % 2]}_{('impro', 'script')[k // 2 % 2]}{k // 4 + 1:02d}"
+        if name not in IEMOCAP_DEV_DIALOGUES:
+            yield name
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:

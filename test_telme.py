@@ -706,7 +706,7 @@ def iemocap_fixture(tmp_path):
         ("M001", 12.0, 14.5, "fru", "Do you have your forms?"),
         ("F001", 10.5, 11.75, "ang", "Is there a problem?"),  # out of time order in the file
     ], extra_lines=["Ses01F_impro01_MXX0 [015.0000-016.0000]: [BREATHING]\n", "M: noise\n"])
-    write_iemocap_dialogue(root, "Session1", "Ses01M_impro02", [("M000", 1.0, 2.0, "sad", "Oh.")])
+    write_iemocap_dialogue(root, "Session1", "Ses01M_impro01", [("M000", 1.0, 2.0, "sad", "Oh.")])  # dev
     write_iemocap_dialogue(root, "Session2", "Ses02F_script01", [("F000", 1.0, 2.0, "exc", "Yes!")], divx="Divx")
     write_iemocap_dialogue(root, "Session5", "Ses05M_impro03", [("F000", 3.0, 4.5, "hap", "Great.")])
     return root
@@ -733,20 +733,30 @@ def test_iemocap_raw_tree_gives_six_classes_speakers_windows_and_sessions(iemoca
     for utts in splits.values():
         for group in telme.dialogues(utts):
             assert [u.start for u in group] == sorted(u.start for u in group)
-    assert splits["train"] and splits["dev"]
-    assert not {u.dialogue for u in splits["train"]} & {u.dialogue for u in splits["dev"]}
-    assert {u.dialogue for u in splits["train"] + splits["dev"]} == {
-        "Ses01F_impro01", "Ses01M_impro02", "Ses02F_script01"}
+    assert {u.dialogue for u in splits["dev"]} == {"Ses01M_impro01"}  # an official dev dialogue
+    assert {u.dialogue for u in splits["train"]} == {"Ses01F_impro01", "Ses02F_script01"}
     (divx,) = [u for u in everything.values() if u.dialogue == "Ses02F_script01"]
     assert divx.video == str(root / "Session2" / "dialog" / "avi" / "Divx" / "Ses02F_script01.avi")
 
 
-def test_iemocap_dev_rule_is_twelve_of_120_and_seeded():
-    names = [f"Ses0{s}{g}_impro{k:02d}" for s in range(1, 5) for g in "FM" for k in range(1, 16)]
-    dev = telme.iemocap_dev_dialogues(names)
-    assert len(names) == 120 and len(dev) == 12 and dev <= set(names)
-    assert dev == telme.iemocap_dev_dialogues(list(reversed(names)))  # depends on the names only
-    assert dev != telme.iemocap_dev_dialogues(names[1:] + ["Ses04M_impro99"])
+def test_iemocap_dev_is_the_official_twelve_dialogues(tmp_path):
+    official = {"Ses01M_impro01", "Ses01M_script03_1", "Ses02F_impro02", "Ses02F_impro07",
+                "Ses02M_script01_2", "Ses03F_impro01", "Ses03M_impro02", "Ses03M_impro08a",
+                "Ses03M_script02_2", "Ses03M_script03_2", "Ses04F_impro07", "Ses04F_script02_1"}
+    assert telme.IEMOCAP_DEV_DIALOGUES == official
+    root = tmp_path / "IEMOCAP_full_release"
+    others = ["Ses01F_impro01", "Ses02M_impro02", "Ses04M_script01_1"]
+    for name in sorted(official) + others:
+        write_iemocap_dialogue(root, f"Session{name[4]}", name, [("F000", 1.0, 2.0, "neu", "Hi.")])
+    write_iemocap_dialogue(root, "Session5", "Ses05F_impro01", [("F000", 1.0, 2.0, "neu", "Hi.")])
+    splits = telme.load_splits(telme.make_config("iemocap", data_dir=str(root)))
+    assert [u.dialogue for u in splits["dev"]] == sorted(official)
+    assert [u.dialogue for u in splits["train"]] == others
+    # No official dev dialogue in the tree: a one-line error, not an empty dev split.
+    for name in official:
+        (root / f"Session{name[4]}" / "dialog" / "transcriptions" / f"{name}.txt").unlink()
+    with pytest.raises(SystemExit, match="none of the official dev dialogues"):
+        telme.load_splits(telme.make_config("iemocap", data_dir=str(root)))
 
 
 def test_iemocap_unknown_label_names_file_and_line(iemocap_fixture):
@@ -792,7 +802,7 @@ def test_synthetic_iemocap_tree_reads_back_as_written(iemocap_synth):
         assert u.speaker == turn.split("_")[-1][0] and u.dialogue == turn.rsplit("_", 1)[0]
         assert Path(u.audio).is_file() and Path(u.video).is_file()
     development = sorted({u.dialogue for s in ("train", "dev") for u in splits[s]})
-    assert {u.dialogue for u in splits["dev"]} == telme.iemocap_dev_dialogues(development)
+    assert {u.dialogue for u in splits["dev"]} == telme.IEMOCAP_DEV_DIALOGUES & set(development) != set()
     assert all(d.startswith("Ses05") for d in {u.dialogue for u in splits["test"]})
     assert not any(d.startswith("Ses05") for d in development)
     assert any("/Divx/" in u.video for u in read.values()) and any("/DivX/" in u.video for u in read.values())
