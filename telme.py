@@ -149,7 +149,7 @@ class Config:
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
     compat: str = "none"
-    """none: telme's fixes; official: the official code's behaviour D1-D8 (SPEC section 3), all switched on"""
+    """none: telme's fixes; official: the official code's behaviours D1-D16 (README), all switched on"""
     official_audio_rate: bool = False
     """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
     official_audio_pooling: bool = False
@@ -164,6 +164,20 @@ class Config:
     """D7: frames in BGR order, normalised with VideoMAE's (ImageNet) statistics (official code)"""
     official_long_clips: bool = False
     """D8: clips longer than 30 s replaced by zeros (official MELD code; --compat official sets it on MELD only)"""
+    official_text: bool = False
+    """D10: MELD text with the CSV's C1 control characters as they are, not the punctuation they stood for (official code; MELD only)"""
+    official_frame_indices: bool = False
+    """D11: frames picked by the official rule: MELD every (N//8)-th of N frames; IEMOCAP every step-th in [start-1 s, end+1 s]"""
+    official_audio_normalisation: bool = False
+    """D12: the whole clip normalised to zero mean and unit variance, then its last max_audio_samples kept (official code)"""
+    official_audio_padding: bool = False
+    """D13: with D3, a batch padded to its longest clip only, with no 0.25 s minimum (official code)"""
+    official_precision: bool = False
+    """D14: teacher in fp32; students and fusion under --amp with one gradient scaler for both students; evaluation in fp32 (official code)"""
+    official_fusion_batches: bool = False
+    """D15: with D3, fusion training recomputes F_T, F_A, F_V in every shuffled batch, as the official code (slower)"""
+    official_cudnn: bool = False
+    """D16: cudnn.deterministic on and cudnn.benchmark off, as the official seeding (slower convolutions on CUDA)"""
     workers: int = 0
     """processes decoding media in prepare; 0 means every core"""
     loader_workers: int = -1
@@ -187,7 +201,13 @@ AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  #
 # D2 is the fusion's attention scope (asf_attention "batch"), D9 concerns only the official inference.
 OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling",
                      "D4": "official_schedule", "D5": "official_clipping", "D6": "official_speakers",
-                     "D7": "official_frames", "D8": "official_long_clips"}
+                     "D7": "official_frames", "D8": "official_long_clips", "D10": "official_text",
+                     "D11": "official_frame_indices", "D12": "official_audio_normalisation",
+                     "D13": "official_audio_padding", "D14": "official_precision",
+                     "D15": "official_fusion_batches", "D16": "official_cudnn"}
+MELD_ONLY_SWITCHES = ("D8", "D10")  # the official IEMOCAP code has no long-clip rule, its text no C1 characters
+# Switches that change how D3's official audio pooling runs, and act only together with it.
+NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
 
 
 def make_config(dataset: str = "meld", **overrides) -> Config:
@@ -211,12 +231,16 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         raise SystemExit(f"telme: --amp must be one of {', '.join(AUTOCAST_TYPES)}, not {cfg.amp!r}")
     if cfg.compat not in ("none", "official"):
         raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
-    if cfg.compat == "official":  # D1-D8 together; without it each switch keeps its own value
+    if cfg.compat == "official":  # D1-D16 together; without it each switch keeps its own value
         cfg.asf_attention = "batch"  # D2
         cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
         for d, name in OFFICIAL_SWITCHES.items():
-            if d != "D8" or cfg.dataset == "meld":  # the official IEMOCAP code has no D8
+            if d not in MELD_ONLY_SWITCHES or cfg.dataset == "meld":
                 setattr(cfg, name, True)
+    for name in NEEDS_OFFICIAL_POOLING:
+        if getattr(cfg, name) and not cfg.official_audio_pooling:
+            raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
+                             "it needs --official-audio-pooling (D3)")
     attended = cfg.feature_dim * (2 if cfg.asf_attention == "batch" else 1)  # see ShiftingFusion
     if attended % cfg.heads:
         raise SystemExit(f"telme: --heads {cfg.heads} does not divide the fusion's attention width "
@@ -225,10 +249,10 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
 
 
 def compat_switches(cfg: Config) -> dict[str, bool]:
-    """Which of the official code's behaviours D1-D8 are on (True) in this configuration."""
+    """Which of the official code's behaviours D1-D16 are on (True) in this configuration."""
     switches = {d: getattr(cfg, name) for d, name in OFFICIAL_SWITCHES.items()}
     switches["D2"] = cfg.asf_attention == "batch"
-    return dict(sorted(switches.items()))
+    return dict(sorted(switches.items(), key=lambda item: int(item[0][1:])))
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -340,7 +364,8 @@ def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int
     return classes.index(emotion)
 
 
-def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
+def read_meld_split(data_dir: Path, split: str, raw_text: bool = False) -> list[Utterance]:
+    """One split's utterances; raw_text keeps the C1 characters in the text (D10)."""
     csv_name, clip_dir = MELD_SPLITS[split]
     path = data_dir / csv_name
     classes = EMOTIONS["meld"]
@@ -351,7 +376,8 @@ def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
         clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
-            text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
+            # D10: the official code tokenizes the C1 characters as they are.
+            text=(row["Utterance"] if raw_text else row["Utterance"].translate(MELD_C1_PUNCTUATION)).strip(),
             label=label, video=clip, audio=clip))
     return utterances
 
@@ -480,7 +506,7 @@ def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
                     "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
         if not (data_dir / MELD_SPLITS["test"][0]).is_file():
             warn(f"telme: {data_dir / MELD_SPLITS['test'][0]} not found: no test split (test_wf1 null)")
-        return {split: read_meld_split(data_dir, split) for split in MELD_SPLITS
+        return {split: read_meld_split(data_dir, split, cfg.official_text) for split in MELD_SPLITS
                 if (data_dir / MELD_SPLITS[split][0]).is_file()}
     except DataError as error:
         raise SystemExit(f"telme: {error}")
@@ -641,9 +667,10 @@ OFFICIAL_MAX_CLIP_SECONDS = 30.0
 OFFICIAL_LONG_CLIP_AUDIO_SAMPLES = 1412
 
 
-def decode_audio(path: str, rate: int, max_samples: int, start: float | None = None,
+def decode_audio(path: str, rate: int, max_samples: int | None, start: float | None = None,
                  end: float | None = None) -> np.ndarray:
-    """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept."""
+    """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept
+    (None: all)."""
     try:
         with open_media(path) as container:
             if not container.streams.audio:
@@ -654,7 +681,7 @@ def decode_audio(path: str, rate: int, max_samples: int, start: float | None = N
                 raise MediaError("audio stream declares no sample rate")
             first, last = stream_span(container, stream)
             low, high = (first, last) if start is None else (start, end)
-            entry = max(low, high - max_samples / rate) - AUDIO_SEEK_MARGIN
+            entry = (low if max_samples is None else max(low, high - max_samples / rate)) - AUDIO_SEEK_MARGIN
             if first < entry < math.inf:
                 container.seek(int(entry / stream.time_base), stream=stream)
             to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
@@ -683,7 +710,7 @@ def decode_audio(path: str, rate: int, max_samples: int, start: float | None = N
     if not waveform.any():
         raise MediaError("audio is silent (every sample is zero)")
     waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, rate).numpy()
-    return waveform[-max_samples:]
+    return waveform if max_samples is None else waveform[-max_samples:]
 
 
 def decode_frames(path: str, num_frames: int, size: int, start: float | None = None,
@@ -728,6 +755,99 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
     except DECODE_ERRORS as error:
         raise MediaError(f"cannot decode: {error}") from None
     return np.stack(frames)
+
+
+# D11: the official IEMOCAP code widens each utterance's window by a second on either side.
+OFFICIAL_WINDOW_MARGIN = 1.0
+
+
+def official_frame_indices(count: int, num_frames: int) -> list[int]:
+    """D11: the official MELD choice among a clip's `count` frames (0-based): with step = count //
+    num_frames, those whose 1-based index is a multiple of step, the first num_frames; a clip of
+    fewer frames gives them all, then its last frame repeated."""
+    if count < num_frames:
+        return list(range(count)) + [count - 1] * (num_frames - count)
+    step = count // num_frames
+    return [k - 1 for k in range(step, count + 1, step)][:num_frames]
+
+
+def official_window_frame_indices(fps: float, start: float, end: float, num_frames: int) -> list[int]:
+    """D11: the official IEMOCAP choice (0-based frame indices) for the window [start, end] s of a
+    dialogue video: the window widened to [max(start - 1, 0), end + 1], step = floor(fps x its
+    length / num_frames), every step-th frame inside it (1-based index k with fps x low <= k <=
+    fps x high), the first num_frames, the last repeated when fewer. A window of fewer than
+    num_frames frames makes the official step 0 and its decoding fail; here it gives every frame
+    of the window, the last repeated."""
+    low, high = max(start - OFFICIAL_WINDOW_MARGIN, 0.0), end + OFFICIAL_WINDOW_MARGIN
+    step = max(1, math.floor(fps * (high - low) / num_frames))
+    first, last = max(1, math.ceil(fps * low)), math.floor(fps * high)
+    kept = [k - 1 for k in range(first + step - 1, last + 1, step)][:num_frames]
+    if not kept:
+        kept = [first - 1]
+    return kept + [kept[-1]] * (num_frames - len(kept))
+
+
+def decode_frames_at(path: str, indices: list[int], size: int) -> np.ndarray:
+    """(len(indices), size, size, 3) uint8 RGB frames by 0-based frame index (a frame's index is its
+    presentation time x the frame rate), resized and cropped as decode_frames does. Decoding starts
+    at the keyframe before the first index; an index past the end of the stream repeats the last
+    frame decoded (D11)."""
+    try:
+        with open_media(path) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if not stream.average_rate:
+                raise MediaError("video stream declares no frame rate")
+            fps, first = float(stream.average_rate), stream_span(container, stream)[0]
+            wanted, found = set(indices), {}
+            earliest = first + min(indices) / fps
+            keyframe = max((k for k in keyframe_times(path, earliest, earliest) if k <= earliest), default=first)
+            if keyframe > first:
+                container.seek(int(keyframe / stream.time_base), stream=stream)
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                index = round((frame.time - first) * fps)
+                if index in wanted:
+                    found[index] = resize_and_crop(frame, size)
+                if index >= max(indices):
+                    break
+    except DECODE_ERRORS as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if not found:
+        raise MediaError("video stream decodes to nothing")
+    frames, shown = [], found[min(found)]
+    for index in indices:  # ascending
+        shown = found.get(index, shown)
+        frames.append(shown)
+    return np.stack(frames)
+
+
+def official_frames(path: str, num_frames: int, size: int, start: float | None = None,
+                    end: float | None = None) -> np.ndarray:
+    """D11: the frames the official code picks: by frame count (MELD clips), or in the widened
+    window of a dialogue video (IEMOCAP)."""
+    try:
+        with open_media(path) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0)
+            first, last = stream_span(container, stream)
+            count = stream.frames  # the container's frame count, as the official reader takes it
+            if not count and last < math.inf:
+                count = round((last - first) * fps)
+    except DECODE_ERRORS as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if not fps:
+        raise MediaError("video stream declares no frame rate")
+    if start is None:
+        if not count:
+            raise MediaError("video stream declares no frame count")
+        return decode_frames_at(path, official_frame_indices(count, num_frames), size)
+    return decode_frames_at(path, official_window_frame_indices(fps, start, end, num_frames), size)
 
 
 def keyframe_times(path: str, start: float | None, end: float | None) -> list[float]:
@@ -787,6 +907,11 @@ class MediaCache:
                           max_samples=cfg.max_audio_samples),
             "video": dict(num_frames=cfg.num_frames, size=cfg.image_size),
         }
+        # D11 and D12 change what an entry holds; being in the settings, they are part of its key.
+        if cfg.official_frame_indices:
+            self.settings["video"]["official_indices"] = True
+        if cfg.official_audio_normalisation:
+            self.settings["audio"]["normalise_whole_clip"] = True
         if cfg.official_long_clips:  # D8, applied in decode_media; the settings are part of the key
             for settings in self.settings.values():
                 settings["stand_in_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
@@ -901,8 +1026,14 @@ def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray
         if kind == "audio":
             return np.zeros(OFFICIAL_LONG_CLIP_AUDIO_SAMPLES, AUDIO_CACHE_DTYPE)
         return np.zeros((0, settings["size"], settings["size"], 3), np.uint8)
+    if kind == "audio" and settings.get("normalise_whole_clip"):
+        # D12: the official processor normalises the whole clip; only then is its tail kept.
+        whole = normalise_waveform(decode_audio(path, settings["rate"], None, start, end))
+        return whole[-settings["max_samples"]:].astype(AUDIO_CACHE_DTYPE)
     if kind == "audio":
         return decode_audio(path, settings["rate"], settings["max_samples"], start, end).astype(AUDIO_CACHE_DTYPE)
+    if settings.get("official_indices"):  # D11
+        return official_frames(path, settings["num_frames"], settings["size"], start, end)
     return decode_frames(path, settings["num_frames"], settings["size"], start, end)
 
 
@@ -967,6 +1098,8 @@ class Collate:
     image_size: int = 224
     min_audio_samples: int = 4000  # 0.25 s: enough frames for data2vec's time masking
     audio_left_pad: bool = False  # D3: official padding, on the left and with no attention mask
+    audio_normalised: bool = False  # D12: waveforms normalised over the whole clip before caching
+    pad_to_longest: bool = False  # D13: no min_audio_samples floor (with D3)
     bgr: bool = False  # D7: channels in OpenCV's order, as the official code feeds them
 
     def __call__(self, items):
@@ -982,8 +1115,12 @@ class Collate:
                 mask[row, length - n:] = 1
             batch["input_ids"], batch["attention_mask"] = ids, mask
         if "audio" in items[0]:
-            waves = [None if it["audio"] is None else normalise_waveform(it["audio"]) for it in items]
-            length = max([self.min_audio_samples] + [len(w) for w in waves if w is not None])
+            waves = [None if it["audio"] is None else
+                     np.asarray(it["audio"], np.float32) if self.audio_normalised else normalise_waveform(it["audio"])
+                     for it in items]
+            lengths = [len(w) for w in waves if w is not None]
+            # D13: the official batch is as long as its longest clip, however short that is.
+            length = max(lengths) if self.pad_to_longest and lengths else max([self.min_audio_samples] + lengths)
             audio = torch.zeros((len(items), length))
             mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, w in enumerate(waves):
@@ -1204,20 +1341,35 @@ class Runtime:
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
+    official_precision: bool = False  # D14
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def autocast(self, use: str):
+        """The autocast context of `use`: a phase's training step, "frozen" (the frozen encoders'
+        outputs a training step reads) or "eval" (dev, test, predict)."""
+        dtype = autocast_dtype(self.amp_dtype, self.official_precision, use)
+        if dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
+    def grad_scaler(self, phase: str) -> torch.amp.GradScaler:
         """Loss scaling for fp16, whose range is too narrow for small gradients; bf16 needs none."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        enabled = autocast_dtype(self.amp_dtype, self.official_precision, phase) == torch.float16
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (for timing only)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def autocast_dtype(amp_dtype: torch.dtype | None, official_precision: bool, use: str) -> torch.dtype | None:
+    """The autocast dtype (None: float32) of a phase's training step, of "frozen" outputs or of
+    "eval". By default --amp everywhere; D14 (official): the teacher trains and every evaluation
+    runs in float32, while the students, the fusion and the frozen outputs they read (computed
+    inside the official training step) run under --amp."""
+    if official_precision and use in ("teacher", "eval"):
+        return None
+    return amp_dtype
 
 
 def make_runtime(cfg: Config) -> Runtime:
@@ -1233,7 +1385,9 @@ def make_runtime(cfg: Config) -> Runtime:
             torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = AUTOCAST_TYPES[cfg.amp]
-    return Runtime(device, amp if device.type == "cuda" else None)
+    if cfg.official_cudnn:  # D16: the official seeding's cuDNN settings
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return Runtime(device, amp if device.type == "cuda" else None, cfg.official_precision)
 
 
 def seed_everything(seed: int) -> None:
@@ -1538,7 +1692,8 @@ def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
         image_stats = VIDEOMAE_IMAGE_STATS  # D7
     return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
                    num_frames=cfg.num_frames, image_size=cfg.image_size,
-                   audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames)
+                   audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
+                   audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding)
 
 
 def text_forward(model, batch):
@@ -1554,14 +1709,15 @@ def video_forward(model, batch):
 
 
 @torch.no_grad()
-def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str):
-    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU.
+def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str, use: str = "eval"):
+    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU;
+    `use`: "eval", or "frozen" for outputs a training step reads (Runtime.autocast).
 
     Under torchrun each process runs its shard and every process gets the whole, each item once."""
     model.eval()
     indices, features, logits = [], [], []
     for batch in progress(loader, description, quiet):
-        with rt.autocast():
+        with rt.autocast(use):
             f, z = forward(model, to_device(batch, rt.device))
         indices.append(batch["index"])
         if f is not None:  # kept on the device: one transfer at the end, no host sync per batch
@@ -1593,10 +1749,10 @@ def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
 
 
 def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
-               rt: Runtime) -> torch.Tensor:
-    """One optimiser step on a batch already on the device; returns the loss, still on the device
-    (reading it would make the host wait for the GPU at every step)."""
-    with rt.autocast():
+               rt: Runtime, phase: str) -> torch.Tensor:
+    """One optimiser step of `phase` on a batch already on the device; returns the loss, still on
+    the device (reading it would make the host wait for the GPU at every step)."""
+    with rt.autocast(phase):
         loss = loss_fn(model, batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -1605,14 +1761,15 @@ def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params
 
 
 def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: int, lr: float,
-        cfg: Config, rt: Runtime, run: Path) -> dict:
-    """Train `model`, evaluate every epoch, keep the epoch with the best dev weighted F1."""
+        cfg: Config, rt: Runtime, run: Path, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Train `model`, evaluate every epoch, keep the epoch with the best dev weighted F1. `scaler`:
+    a gradient scaler that carries on from an earlier phase (D14), else a fresh one."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr)
     steps = len(loaders["train"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(*schedule_lengths(cfg, loaders["train"], epochs)))
-    scaler = rt.grad_scaler()
+    scaler = rt.grad_scaler(phase) if scaler is None else scaler
     classes = EMOTIONS[cfg.dataset]
     best, done = {"dev_wf1": -1.0}, 0
     checkpoint = checkpoint_path(run, phase)
@@ -1637,7 +1794,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
             total_loss += train_step(trained, to_device(batch, rt.device), loss_fn, optimizer, scaler,
-                                     params, cfg, rt)
+                                     params, cfg, rt, phase)
             schedule.step()
         reports = {}
         for split in ("dev", "test"):
@@ -1669,7 +1826,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         update_metrics(run, phase, best)
         # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
         atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
-            {"epochs": epochs, "best_epoch": best["best_epoch"]}).encode()))
+            {"epochs": epochs, "best_epoch": best["best_epoch"], "scaler": scaler.state_dict()}).encode()))
         checkpoint.unlink(missing_ok=True)
     barrier()  # the next phase, on any rank, reads what rank 0 has just written
     return best
@@ -1765,6 +1922,13 @@ def media_faults(media: MediaCache, u: Utterance) -> dict[str, str]:
 def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
     t_features, t_logits = (t.to(rt.device) for t in teacher_outputs(cfg, rt, run, splits["train"]))
+    # D14: the official code trains both students with one gradient scaler: the visual student's
+    # first steps use the loss scale the audio student's last steps left.
+    scaler = rt.grad_scaler("audio") if cfg.official_precision else None
+    if scaler is not None and phase_complete(run, "audio"):  # resumed after the audio student
+        state = json.loads(complete_marker(run, "audio").read_text()).get("scaler")
+        if state:
+            scaler.load_state_dict(state)
     results = {}
     for kind, phase, name, forward in (("audio", "audio", cfg.audio_model, audio_forward),
                                        ("video", "visual", cfg.video_model, video_forward)):
@@ -1782,7 +1946,7 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
                    for split, utts in splits.items()}
         loss_fn = student_step_loss(forward, t_features, t_logits, cfg)
         results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
-                             cfg, rt, run)
+                             cfg, rt, run, scaler)
     return results
 
 
@@ -1828,7 +1992,9 @@ def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
                        UtteranceDataset(utts, media=media, kinds=("audio" if phase == "audio" else "video",)))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
                                  shuffle=False)
-            features, logits = run_model(model, loader, forward, rt, cfg.quiet, f"{phase} {split}")
+            # D14: a training step reads the train split's outputs; dev and test are evaluation.
+            features, logits = run_model(model, loader, forward, rt, cfg.quiet, f"{phase} {split}",
+                                         "frozen" if split == "train" else "eval")
             outputs[split][f"f_{phase}"], outputs[split][f"z_{phase}"] = features, logits
         del model
     return outputs
@@ -1839,18 +2005,51 @@ def fusion_forward(model, batch):
 
 
 def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
-    """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen)."""
-    return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, splits, media), cfg.epochs[2])
+    """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen;
+    D15: the training batches' recomputed in each batch)."""
+    if not cfg.official_fusion_batches:
+        return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, splits, media), cfg.epochs[2])
+    evaluated = {split: utts for split, utts in splits.items() if split != "train"}
+    return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, evaluated, media), cfg.epochs[2],
+                      per_batch_features(cfg, rt, run, splits["train"], media))
 
 
-def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int) -> dict:
-    """The shifting fusion trained on each split's features (F_T, F_A, F_V) and labels."""
+def per_batch_features(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance], media: MediaCache):
+    """D15: the official fusion training runs the frozen encoders inside each shuffled batch. Under
+    D3 a clip's F_A depends on the clips it is batched with, so these features differ from those
+    computed once in fixed batches. Returns the dataset of prompts and media, its collate, and the
+    function giving a batch's F_T, F_A, F_V."""
+    teacher, tokenizer = load_teacher(run, cfg, rt)
+    audio, visual = load_student(run, "audio", cfg, rt), load_student(run, "video", cfg, rt)
+    dataset = UtteranceDataset(utterances, text_ids=teacher_dataset(cfg, tokenizer, utterances).text_ids,
+                               media=media, kinds=("audio", "video"))
+    collate = make_collate(cfg, tokenizer.pad_token_id, image_statistics(str(encoder_dir(run, "video"))))
+
+    @torch.no_grad()
+    def features(batch: dict) -> dict:
+        with rt.autocast("frozen"):
+            return {f"f_{phase}": forward(model, batch)[0].float() for phase, model, forward in
+                    (("teacher", teacher, text_forward), ("audio", audio, audio_forward),
+                     ("visual", visual, video_forward))}
+    return dataset, collate, features
+
+
+def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int, recompute=None) -> dict:
+    """The shifting fusion trained on each split's features (F_T, F_A, F_V) and labels; `recompute`
+    (D15): per_batch_features for the train split, which `outputs` then lacks."""
     seed_everything(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
                                   shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
-    return fit("fusion", fusion, loaders, fusion_forward, fusion_loss, epochs, cfg.lr[2], cfg, rt, run)
+    loss_fn = fusion_loss
+    if recompute is not None:  # D15
+        dataset, collate, features = recompute
+        loaders["train"] = make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed)
+
+        def loss_fn(model, batch):
+            return fusion_loss(model, {**batch, **features(batch)})
+    return fit("fusion", fusion, loaders, fusion_forward, loss_fn, epochs, cfg.lr[2], cfg, rt, run)
 
 
 def fusion_loss(model, batch):
@@ -2208,12 +2407,12 @@ def predict(run: Path, text: str, video: str | None = None, audio: str | None = 
                                      ("visual", "video", video_forward)):
             if phase in trained:
                 model = teacher if phase == "teacher" else load_student(run, kind, cfg, rt)
-                with rt.autocast():
+                with rt.autocast("eval"):
                     f, z = forward(model, batch)
                 features[phase], logits[phase] = f.float(), z.float()
         if "fusion" in trained:  # the students' features as eval feeds them: float32
             inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
-            with rt.autocast():
+            with rt.autocast("eval"):
                 logits["fusion"] = fusion_forward(load_fusion(run, cfg, rt), inputs)[1].float()
     phases = {}
     for phase, z in logits.items():
@@ -2699,7 +2898,7 @@ def bench_phase(job: tuple) -> dict:
     model.to(rt.device).train()
     trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler()
+    optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler(phase)
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
     waited, warmup_started = 0.0, time.perf_counter()
     for step in range(warmup + steps):
@@ -2710,7 +2909,7 @@ def bench_phase(job: tuple) -> dict:
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
-        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt)
+        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase)
     rt.synchronize()
     elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
@@ -2721,7 +2920,7 @@ def bench_phase(job: tuple) -> dict:
             if i == eval_warmup:
                 rt.synchronize()
                 eval_started = time.perf_counter()
-            with rt.autocast():
+            with rt.autocast("eval"):
                 forward(model, to_device(batch, rt.device))
     rt.synchronize()
     eval_elapsed = time.perf_counter() - eval_started
@@ -3053,7 +3252,7 @@ def main(argv=None) -> None:
     elif args.command == "summarize":
         summarize([Path(r) for r in args.runs], Path(args.out))
     elif args.command == "import-official":
-        # The official weights were trained with D1-D8, so their inference needs them too.
+        # The official weights were trained with D1-D16, so their inference needs them too.
         args.compat = getattr(args, "compat", "official")
         args.out = getattr(args, "out", f"runs/{getattr(args, 'dataset', 'meld')}-official")
         run = import_official(config_from_args(args), Path(args.dir), args.fusion_file)

@@ -1209,12 +1209,13 @@ def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(
 # --------------------------------------------------------------------------------------------------
 # The official code's behaviours D1-D8 (SPEC section 3): each switch changes what it names
 # --------------------------------------------------------------------------------------------------
-def test_compat_official_switches_on_d1_to_d8_and_nothing_by_default():
+def test_compat_official_switches_on_every_behaviour_and_nothing_by_default():
     fixed = telme.make_config("meld")
     assert not any(telme.compat_switches(fixed).values())
     official = telme.config_from_args(telme.build_parser().parse_args(["train", "--compat", "official"]))
     assert official.asf_attention == "batch" and official.amp == "fp16"  # D2; D5 needs the scaler
-    assert telme.compat_switches(official) == {f"D{i}": True for i in range(1, 9)}
+    assert telme.compat_switches(official) == {f"D{i}": True for i in range(1, 17) if i != 9}
+    assert list(telme.compat_switches(official))[-3:] == ["D14", "D15", "D16"]  # in numeric order
     one = telme.make_config("meld", official_frames=True)
     assert [d for d, on in telme.compat_switches(one).items() if on] == ["D7"]
     # A saved configuration reads back to the same switches.
@@ -1264,7 +1265,7 @@ def test_d8_official_long_clips_become_zeros(tmp_path):
     assert not batch["video"][0].any() and batch["video"][1].abs().min() > 0.1
     # The official IEMOCAP code has no such rule: --compat official leaves D8 off there.
     iemocap = telme.make_config("iemocap", compat="official")
-    assert [d for d, on in telme.compat_switches(iemocap).items() if not on] == ["D8"]
+    assert [d for d, on in telme.compat_switches(iemocap).items() if not on] == ["D8", "D10"]
 
 
 def test_d7_official_frames_are_bgr_with_videomae_statistics():
@@ -1409,6 +1410,138 @@ def test_d6_official_speakers_past_the_ninth_are_plain_text():
     assert prompt.count(tokenizer.convert_tokens_to_ids("<s9>")) == 1
 
 
+def test_d10_official_text_keeps_the_c1_characters(tmp_path):
+    write_meld_csv(tmp_path / "train_sent_emo.csv", [(0, 0, "Ross", "joy", "It\x92s fine\x85 ok")])
+    for switch, expected in ((False, "It's fine... ok"), (True, "It\x92s fine\x85 ok")):
+        cfg = telme.make_config("meld", data_dir=str(tmp_path), official_text=switch)
+        assert telme.read_meld_split(tmp_path, "train", cfg.official_text)[0].text == expected
+
+
+def test_d11_official_frame_indices_meld_rule():
+    assert telme.official_frame_indices(40, 8) == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert telme.official_frame_indices(21, 8) == [1, 3, 5, 7, 9, 11, 13, 15]  # the last quarter unused
+    assert telme.official_frame_indices(5, 8) == [0, 1, 2, 3, 4, 4, 4, 4]
+
+
+def test_d11_official_frame_indices_iemocap_window_rule():
+    # [3, 5] s at 10 fps widens to [2, 6]: 40 frames, step 5, 1-based 20..60 -> every fifth from 24.
+    assert telme.official_window_frame_indices(10.0, 3.0, 5.0, 8) == [23, 28, 33, 38, 43, 48, 53, 58]
+    # At the start of a video the window begins at 0 s: [0, 1.5] s at 10 fps, step 1 (15 // 8).
+    assert telme.official_window_frame_indices(10.0, 0.2, 0.5, 8) == [0, 1, 2, 3, 4, 5, 6, 7]
+    # Fewer than 8 frames in the window (the official code fails): each of them, the last repeated.
+    assert telme.official_window_frame_indices(2.0, 0.5, 1.0, 8) == [0, 1, 2, 3, 3, 3, 3, 3]
+
+
+def test_d11_official_frames_through_the_media_cache(tmp_path):
+    def frames(path, dataset="meld", start=None, end=None, **switches):
+        cfg = telme.make_config(dataset, cache_dir=str(tmp_path / "cache"), num_frames=8, image_size=16,
+                                **switches)
+        media = telme.MediaCache(cfg)
+        u = telme.Utterance("d", "F", "t", 0, str(path), str(path), start=start, end=end)
+        media.prepare([u], workers=1, quiet=True, kinds=("video",))
+        return shown_indices(np.asarray(media.load("video", u))).tolist()
+    for count, official in ((40, [4, 9, 14, 19, 24, 29, 34, 39]), (21, [1, 3, 5, 7, 9, 11, 13, 15]),
+                            (5, [0, 1, 2, 3, 4, 4, 4, 4])):
+        path = tmp_path / f"clip{count}.mp4"
+        telme.write_clip(path, index_frames(count), 8)
+        assert frames(path, official_frame_indices=True) == official, count
+        assert frames(path) != official, count
+    # IEMOCAP: [3, 5] s of a dialogue video at 8 fps; under D11 widened to [2, 6] s, step 4.
+    telme.write_clip(tmp_path / "dialogue.avi", index_frames(80), 8)
+    for switch, expected in ((False, [25, 27, 29, 31, 33, 35, 37, 39]), (True, [18, 22, 26, 30, 34, 38, 42, 46])):
+        assert frames(tmp_path / "dialogue.avi", "iemocap", 3.0, 5.0, official_frame_indices=switch) == expected
+
+
+def test_d12_official_audio_normalisation_over_the_whole_clip(tmp_path):
+    rate = 16000
+    t = np.arange(2 * rate) / rate
+    loud_then_quiet = np.where(t < 1.0, 0.8, 0.1) * np.sin(2 * np.pi * 440 * t)
+    write_wav(tmp_path / "clip.wav", np.stack([loud_then_quiet]), rate)
+    tails = {}
+    for switch in (False, True):
+        waveform, cfg = cache_entry(tmp_path, "audio", tmp_path / "clip.wav", max_audio_samples=rate // 2,
+                                    official_audio_normalisation=switch)
+        batch = telme.make_collate(cfg)([{"index": 0, "label": 0, "audio": waveform}])
+        tails[switch] = batch["audio"][0, :rate // 2].numpy()
+    assert tails[False].std() == pytest.approx(1.0, rel=1e-2)  # the tail normalised on its own
+    # The whole clip normalised first: the quiet tail keeps its share of the clip's variance.
+    whole_std = np.sqrt((0.8 ** 2 + 0.1 ** 2) / 4)
+    assert tails[True].std() == pytest.approx(0.1 / np.sqrt(2) / whole_std, rel=5e-2)
+    # Changing the setting changes the cache key: the two entries never mix.
+    entries = list((tmp_path / "cache" / "audio").rglob("*.npy"))
+    assert len(entries) == 2
+
+
+def test_d13_official_audio_padding_pads_to_the_longest_clip_only():
+    items = [{"index": i, "label": 0, "audio": np.ones(n, np.float32) * (i + 1)} for i, n in enumerate((1412, 900))]
+    widths = {}
+    for switch in (False, True):
+        cfg = telme.make_config("meld", official_audio_pooling=True, official_audio_padding=switch)
+        widths[switch] = telme.make_collate(cfg)(items)["audio"].shape[1]
+    assert widths == {False: 4000, True: 1412}
+    with pytest.raises(SystemExit, match="needs --official-audio-pooling"):
+        telme.make_config("meld", official_audio_padding=True)
+
+
+def test_d14_official_precision_per_phase():
+    def plan(official):
+        rt = telme.Runtime(torch.device("cpu"), torch.float16, official)
+        uses = ("teacher", "audio", "visual", "fusion", "frozen", "eval")
+        return ({u: telme.autocast_dtype(rt.amp_dtype, rt.official_precision, u) for u in uses},
+                {p: rt.grad_scaler(p).is_enabled() for p in telme.PHASES})
+    assert plan(False) == ({u: torch.float16 for u in ("teacher", "audio", "visual", "fusion", "frozen", "eval")},
+                           {p: True for p in telme.PHASES})
+    fp16 = torch.float16
+    assert plan(True) == ({"teacher": None, "audio": fp16, "visual": fp16, "fusion": fp16, "frozen": fp16,
+                           "eval": None}, {"teacher": False, "audio": True, "visual": True, "fusion": True})
+    # On a CPU autocast stays off whatever the switch.
+    rt = telme.make_runtime(telme.make_config("meld", device="cpu", amp="fp16", official_precision=True))
+    assert rt.amp_dtype is None and isinstance(rt.autocast("audio"), telme.nullcontext)
+
+
+def test_d14_one_gradient_scaler_for_both_students(tmp_path, tiny_models, monkeypatch):
+    scalers = {}
+    monkeypatch.setattr(telme, "teacher_outputs", lambda *args: (torch.zeros(1, 48), torch.zeros(1, 7)))
+    monkeypatch.setattr(telme, "fit", lambda phase, *args: scalers[switch].append(args[-1]) or {})
+    u = telme.Utterance("0", "a", "t", 0, "clip.mp4", "clip.mp4")
+    for switch in (False, True):
+        scalers[switch] = []
+        cfg = tiny_config("meld", tmp_path, tmp_path / str(switch), tiny_models, official_precision=switch)
+        telme.train_students(cfg, telme.Runtime(torch.device("cpu")), tmp_path / str(switch),
+                             {"train": [u], "dev": [u]}, None)
+    assert scalers[False] == [None, None]  # each student's fit makes its own
+    audio, visual = scalers[True]
+    assert audio is visual and isinstance(audio, torch.amp.GradScaler)
+
+
+def test_d15_fusion_features_per_batch_depend_on_batch_mates_under_d3(demo_run):
+    demo_run = demo_run[0]
+    cfg = telme.dataclasses.replace(telme.read_run_config(demo_run), official_audio_pooling=True,
+                                    official_fusion_batches=True, quiet=True)
+    rt = telme.make_runtime(cfg)
+    utterances = telme.load_splits(cfg)["dev"][:8]
+    media = telme.MediaCache(cfg)
+    cached = telme.frozen_outputs(cfg, rt, demo_run, {"dev": utterances}, media)["dev"]
+    dataset, collate, features = telme.per_batch_features(cfg, rt, demo_run, utterances, media)
+    order = [5, 0, 7, 2]  # a shuffled batch: other batch mates than the fixed batches [0-3], [4-7]
+    batch = collate([dataset[i] for i in order])
+    recomputed = features(batch)
+    assert torch.allclose(recomputed["f_teacher"], cached["f_teacher"][order], atol=1e-5)
+    assert torch.allclose(recomputed["f_visual"], cached["f_visual"][order], atol=1e-5)
+    assert not torch.allclose(recomputed["f_audio"], cached["f_audio"][order], atol=1e-3)
+    with pytest.raises(SystemExit, match="needs --official-audio-pooling"):
+        telme.make_config("meld", official_fusion_batches=True)
+
+
+def test_d16_official_cudnn_settings(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    telme.make_runtime(telme.make_config("meld", device="cpu"))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    telme.make_runtime(telme.make_config("meld", device="cpu", official_cudnn=True))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Official checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -1490,7 +1623,7 @@ def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
     telme.main(import_args(out, tmp_path / "good", tmp_path / "run"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["config"]["compat"] == "official"
-    assert config["official_behaviours"] == {f"D{i}": True for i in range(1, 9)}
+    assert config["official_behaviours"] == {f"D{i}": True for i in range(1, 17) if i != 9}
     for phase in telme.PHASES:
         assert (tmp_path / "run" / f"{phase}.safetensors").is_file()
     # A missing and an unexpected key, both named as the official code names them.
