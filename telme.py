@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -50,13 +51,11 @@ import platform
 import random
 import re
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import wave
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchaudio
 import transformers
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
@@ -2052,62 +2052,43 @@ def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
     lines += [f"| {c} | " + " | ".join(f"{100 * x:.1f}" for x in row) + " |"
               for c, row in zip(classes, normalised)]
     lines += ["", "![confusion matrix](confusion.png)", "",
-              "In the image, row and column i are class i: "
-              + ", ".join(f"{i} {c}" for i, c in enumerate(classes))
-              + "; the shade is the row-normalised share, the number the count.", ""]
-    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts, normalised)))
+              "In the image, the shade is the row-normalised share, the number the count.", ""]
+    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts, normalised, classes)))
     atomic_write(run / "report.md", lambda f: f.write("\n".join(lines).encode()))
 
 
-# A 3x5 pixel font for the digits the confusion-matrix image prints (rows of three bits).
-DIGIT_FONT = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
-              "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
-              "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
-              "9": "111101111001111"}
-PNG_CELL, PNG_SCALE, PNG_MARGIN = 64, 3, 28  # cell and margin in pixels; font magnification
-PNG_LOW, PNG_HIGH = np.array([255, 255, 255]), np.array([8, 48, 107])  # colours of shares 0 and 1
+CONFUSION_CELL = 64  # pixels per cell of confusion.png
+CONFUSION_FONT_SIZE = 16
+CONFUSION_LOW, CONFUSION_HIGH = np.array([255, 255, 255]), np.array([8, 48, 107])  # shares 0 and 1
 
 
-def draw_number(image: np.ndarray, text: str, centre_y: int, centre_x: int, colour) -> None:
-    glyph_w, glyph_h = 3 * PNG_SCALE, 5 * PNG_SCALE
-    x = centre_x - (len(text) * (glyph_w + PNG_SCALE) - PNG_SCALE) // 2
-    y = centre_y - glyph_h // 2
-    for char in text:
-        bits = np.array([int(b) for b in DIGIT_FONT[char]], bool).reshape(5, 3)
-        mask = np.kron(bits, np.ones((PNG_SCALE, PNG_SCALE), bool))
-        image[y:y + glyph_h, x:x + glyph_w][mask] = colour
-        x += glyph_w + PNG_SCALE
-
-
-def confusion_png(counts: np.ndarray, shares: np.ndarray) -> bytes:
-    """The confusion matrix as a PNG: cell shade = row-normalised share, label = count.
-
-    Written with numpy and zlib alone (no plotting library), so reports cost no dependency."""
-    n = len(counts)
-    size = PNG_MARGIN + n * PNG_CELL
-    image = np.full((size, size, 3), 255, np.uint8)
-    for i in range(n):
-        middle = PNG_MARGIN + i * PNG_CELL + PNG_CELL // 2
-        draw_number(image, str(i), middle, PNG_MARGIN // 2, 0)  # true class, left
-        draw_number(image, str(i), PNG_MARGIN // 2, middle, 0)  # predicted class, top
-        for j in range(n):
-            top, left = PNG_MARGIN + i * PNG_CELL, PNG_MARGIN + j * PNG_CELL
-            shade = PNG_LOW + shares[i, j] * (PNG_HIGH - PNG_LOW)
-            image[top + 1:top + PNG_CELL, left + 1:left + PNG_CELL] = shade.round().astype(np.uint8)
-            draw_number(image, str(int(counts[i, j])), top + PNG_CELL // 2, left + PNG_CELL // 2,
-                        255 if shares[i, j] > 0.5 else 0)
-    return png_bytes(image)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of an (H, W, 3) uint8 image: signature, IHDR, one IDAT, IEND."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    height, width, _ = image.shape
-    rows = b"".join(b"\x00" + row.tobytes() for row in image)  # filter type 0 (none) per row
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+def confusion_png(counts: np.ndarray, shares: np.ndarray, classes: list[str]) -> bytes:
+    """The confusion matrix as a PNG: rows true classes, columns predicted ones (names along both
+    edges), cell shade = row-normalised share, number in the cell = count."""
+    font = ImageFont.load_default(size=CONFUSION_FONT_SIZE)
+    cell, pad = CONFUSION_CELL, CONFUSION_FONT_SIZE // 2
+    margin = 3 * pad + max(math.ceil(font.getlength(name)) for name in classes + ["predicted"])
+    size = margin + len(classes) * cell
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin - pad, pad), "predicted", fill="black", font=font, anchor="ra")  # the corner:
+    draw.text((pad, margin - pad), "true", fill="black", font=font, anchor="ld")  # what each edge holds
+    for i, name in enumerate(classes):
+        middle = margin + i * cell + cell // 2
+        draw.text((margin - pad, middle), name, fill="black", font=font, anchor="rm")  # left: true
+        column = Image.new("RGB", (margin, cell), "white")  # top: predicted, read bottom to top
+        ImageDraw.Draw(column).text((pad, cell // 2), name, fill="black", font=font, anchor="lm")
+        image.paste(column.rotate(90, expand=True), (margin + i * cell, 0))
+        for j in range(len(classes)):
+            top, left = margin + i * cell, margin + j * cell
+            shade = CONFUSION_LOW + shares[i, j] * (CONFUSION_HIGH - CONFUSION_LOW)
+            draw.rectangle((left + 1, top + 1, left + cell - 1, top + cell - 1),
+                           fill=tuple(int(c) for c in shade.round()))
+            draw.text((left + cell // 2, top + cell // 2), str(int(counts[i, j])), font=font, anchor="mm",
+                      fill="white" if shares[i, j] > 0.5 else "black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def print_per_class(results: dict, classes: list[str], split: str) -> None:

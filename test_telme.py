@@ -915,14 +915,38 @@ def test_report_numbers_equal_metrics_json(demo_run):
     assert np.allclose(shares, 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1), atol=0.05)
     # The image: one cell per pair of classes, darker where a larger share of the row falls.
     image = np.asarray(Image.open(run / "confusion.png").convert("RGB")).astype(int)
-    assert image.shape == (telme.PNG_MARGIN + 7 * telme.PNG_CELL,) * 2 + (3,)
-    brightness = np.array([[image[telme.PNG_MARGIN + i * telme.PNG_CELL + 2,
-                                  telme.PNG_MARGIN + j * telme.PNG_CELL + 2].sum() for j in range(7)]
+    cell = telme.CONFUSION_CELL
+    margin = image.shape[1] - 7 * cell  # the class names' room, left and top
+    assert image.shape == (margin + 7 * cell, margin + 7 * cell, 3) and margin > 0
+    brightness = np.array([[image[margin + i * cell + 2, margin + j * cell + 2].sum() for j in range(7)]
                            for i in range(7)]).ravel()
     exact = (counts / np.maximum(counts.sum(1, keepdims=True), 1)).ravel()
     assert brightness[exact == 0].min() == 3 * 255  # an empty cell is white
     for a in range(49):  # a larger share of its row: a darker cell
         assert np.all(brightness[exact > exact[a] + 1e-9] < brightness[a])
+
+
+def test_confusion_png_shows_the_counts_and_the_class_names():
+    from PIL import Image
+    import io
+    classes = telme.EMOTIONS["iemocap"]
+    counts = np.arange(36).reshape(6, 6)
+    shares = counts / counts.sum(1, keepdims=True)
+
+    def decoded(counts, classes):
+        return np.asarray(Image.open(io.BytesIO(telme.confusion_png(counts, shares, classes))).convert("RGB"))
+
+    image = decoded(counts, classes)
+    margin = image.shape[1] - 6 * telme.CONFUSION_CELL
+    assert image.shape == (margin + 6 * telme.CONFUSION_CELL,) * 2 + (3,)
+    # Room for the longest name, and the names are drawn: longer names widen the image.
+    assert decoded(counts, [c * 3 for c in classes]).shape[0] > image.shape[0]
+    # The number in each cell is drawn: one other count changes only that cell's pixels.
+    other = counts.copy()
+    other[2, 3] += 1
+    changed = np.argwhere((decoded(other, classes) != image).any(-1))
+    cell_of = (changed - margin) // telme.CONFUSION_CELL
+    assert len(changed) and np.all(changed >= margin) and np.all(cell_of == [2, 3])
 
 
 @pytest.fixture(scope="module")
