@@ -1269,15 +1269,6 @@ def progress(iterable, description: str, quiet: bool, **kwargs):
                 disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
 
 
-def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
-    """lr factor per optimiser step: 0 -> 1 over the warmup, then linearly to 0 at the end (D4)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
-
-
 def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
     """Warmup and total length of the lr schedule, in scheduler steps (one per optimiser step)."""
     # D4: the official code counts both in samples while stepping once per batch, so the warmup
@@ -1588,8 +1579,8 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr)
     steps = len(loaders["train"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_linear_decay(*schedule_lengths(cfg, loaders["train"], epochs)))
+    schedule = transformers.get_linear_schedule_with_warmup(
+        optimizer, *schedule_lengths(cfg, loaders["train"], epochs))
     scaler = rt.grad_scaler()
     classes = EMOTIONS[cfg.dataset]
     best, done = {"dev_wf1": -1.0}, 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import telme
 
@@ -1032,7 +1033,7 @@ def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, telme.warmup_then_linear_decay(2, 10))
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, 2, 10)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -1045,7 +1046,7 @@ def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
     expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), __import__("random").random())
     other = torch.nn.Linear(4, 3)
     other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2)
-    other_schedule = torch.optim.lr_scheduler.LambdaLR(other_optimizer, telme.warmup_then_linear_decay(2, 10))
+    other_schedule = transformers.get_linear_schedule_with_warmup(other_optimizer, 2, 10)
     other_generator = torch.Generator()
     epoch, best = telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
     assert (epoch, best) == (2, {"dev_wf1": 50.0, "best_epoch": 2})
