@@ -1214,12 +1214,6 @@ def make_runtime(cfg: Config) -> Runtime:
     return Runtime(device, amp if device.type == "cuda" else None)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # --- Several processes (torchrun): DistributedDataParallel; rank 0 alone writes and logs ----------
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes; (0, 1) unless launched by torchrun."""
@@ -1739,7 +1733,7 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
                                        ("video", "visual", cfg.video_model, video_forward)):
         if phase_complete(run, phase):  # done before an interruption (train --resume)
             continue
-        seed_everything(cfg.seed)
+        transformers.set_seed(cfg.seed)
         encoder = pretrained_encoder(name, cfg, kind)
         image_stats = image_statistics(name) if kind == "video" else None
         save_encoder_config(run, kind, encoder, image_stats)
@@ -1814,7 +1808,7 @@ def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Media
 
 def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int) -> dict:
     """The shifting fusion trained on each split's features (F_T, F_A, F_V) and labels."""
-    seed_everything(cfg.seed)
+    transformers.set_seed(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
                                   shuffle=split == "train", seed=cfg.seed)
@@ -1865,7 +1859,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     todo = {p for p in PHASE_GROUPS[phase] if not phase_complete(run, p)}
     media = prepare_media(cfg, splits) if todo - {"teacher"} else None
     if "teacher" in todo:
-        seed_everything(cfg.seed)
+        transformers.set_seed(cfg.seed)
         train_teacher(cfg, rt, run, splits)
     if todo & {"audio", "visual"}:
         train_students(cfg, rt, run, splits, media)
@@ -2611,7 +2605,7 @@ def bench_phase(job: tuple) -> dict:
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
-    seed_everything(cfg.seed)
+    transformers.set_seed(cfg.seed)
     # The clips repeated, so that one pass of the loader spans the timed steps (as in a MELD epoch,
     # whose 2497 steps pay for starting the loader's workers once).
     needed = max((warmup + steps) * cfg.batch_size, (eval_warmup + eval_batches) * cfg.eval_batch_size)

@@ -1770,7 +1770,7 @@ def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
         run_cfg = dataclasses.replace(cfg, compile=compiled)
         run = tmp_path / f"compile-{compiled}"
         run.mkdir()
-        telme.seed_everything(cfg.seed)
+        transformers.set_seed(cfg.seed)
         fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
         initial = {k: v.clone() for k, v in fusion.state_dict().items()}
         loaders = {s: telme.make_loader(telme.FeatureDataset(out), run_cfg, rt, None, shuffle=s == "train",
