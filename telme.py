@@ -1076,10 +1076,9 @@ def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
 
 
 def image_statistics(name: str) -> tuple[list[float], list[float]]:
-    """Mean and std from the video model's own image-processor config (D7)."""
-    from transformers.image_processing_base import ImageProcessingMixin
-    processor, _ = ImageProcessingMixin.get_image_processor_dict(name)
-    return list(processor["image_mean"]), list(processor["image_std"])
+    """Mean and std from the video model's own image processor (D7)."""
+    processor = transformers.AutoImageProcessor.from_pretrained(name)
+    return list(processor.image_mean), list(processor.image_std)
 
 
 def build_student(kind: str, encoder: nn.Module, num_classes: int, first_frame: bool = False) -> nn.Module:
@@ -1467,9 +1466,8 @@ def save_encoder_config(run: Path, kind: str, encoder: nn.Module, extra=None) ->
     if kind == "text":
         extra.save_pretrained(directory)
     elif kind == "video":
-        mean, std = extra
-        (directory / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "VideoMAEImageProcessor", "image_mean": mean, "image_std": std}))
+        mean, std = extra  # TimeSformer's processor class is VideoMAE's
+        transformers.VideoMAEImageProcessor(image_mean=mean, image_std=std).save_pretrained(directory)
 
 
 def saved_encoder(run: Path, kind: str) -> nn.Module:
@@ -2505,9 +2503,8 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
         paths[kind] = str(out / kind)
         encoder.save_pretrained(paths[kind])
     tokenizer.save_pretrained(paths["text"])
-    (out / "video" / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "VideoMAEImageProcessor", "image_mean": [0.45] * 3,
-         "image_std": [0.225] * 3}))
+    mean, std = TIMESFORMER_IMAGE_STATS
+    transformers.VideoMAEImageProcessor(image_mean=mean, image_std=std).save_pretrained(paths["video"])
     return paths
 
 

@@ -1245,6 +1245,14 @@ def test_d7_official_frames_are_bgr_with_videomae_statistics():
         assert torch.allclose(channels, torch.tensor(expected), atol=1e-5), (switch, channels)
 
 
+def test_image_statistics_come_from_the_saved_image_processor(tmp_path, tiny_models):
+    assert telme.image_statistics(tiny_models["video"]) == tuple(map(list, telme.TIMESFORMER_IMAGE_STATS))
+    encoder = telme.AutoModel.from_config(telme.AutoConfig.from_pretrained(tiny_models["video"]))
+    stats = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    telme.save_encoder_config(tmp_path, "video", encoder, stats)  # a run's copy, read back by eval
+    assert telme.image_statistics(str(telme.encoder_dir(tmp_path, "video"))) == stats
+
+
 def tiny_audio_encoder():
     """One positional-conv layer: with more, data2vec-audio itself lets padding leak into the
     frames next to it, so even a masked mean would not be exactly padding-free."""
