@@ -47,6 +47,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import platform
 import random
 import re
@@ -70,7 +71,7 @@ import torch.nn.functional as F
 import torchaudio
 import transformers
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.nn.parallel import DistributedDataParallel
@@ -1341,7 +1342,7 @@ def safetensors_metadata(path: Path) -> dict:
 
 # --- Resuming: a checkpoint after every epoch, replaced by a marker when the phase completes -----
 def checkpoint_path(run: Path, phase: str) -> Path:
-    return run / "checkpoints" / f"{phase}.safetensors"
+    return run / "checkpoints" / f"{phase}.pt"
 
 
 def complete_marker(run: Path, phase: str) -> Path:
@@ -1370,46 +1371,20 @@ def forget_phases(run: Path, phases) -> None:
         atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
 
 
-def pack(value, name: str, tensors: dict):
-    """A state (nested dicts, lists, tensors, numbers) as JSON, its tensors moved into `tensors`.
-
-    Every dict becomes {"items": [[key, value], ...]} so that integer keys (optimizer state)
-    survive; {"tensor": name} and {"array": ...} stand for tensors and numpy arrays."""
-    if torch.is_tensor(value):
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # one copy, shared with nothing
-        return {"tensor": name}
-    if isinstance(value, np.ndarray):
-        return {"array": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, dict):
-        return {"items": [[k, pack(v, f"{name}.{k}", tensors)] for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
-        return [pack(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
-    return value
-
-
-def unpack(value, tensors: dict):
-    if isinstance(value, list):
-        return [unpack(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if "tensor" in value:
-            return tensors[value["tensor"]]
-        if "array" in value:
-            return np.array(value["array"], dtype=value["dtype"])
-        return {k: unpack(v, tensors) for k, v in value["items"]}
-    return value
-
-
 def rng_states(generator: torch.Generator | None) -> dict:
-    """Every random stream training draws from, the data order's generator included."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random stream training draws from, the data order's generator included, in types that
+    torch.load(weights_only=True) reads back (numpy's key array as a list)."""
+    kind, key, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, key.tolist(), position, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "loader": generator.get_state() if generator is not None else None}
 
 
 def set_rng_states(states: dict, generator: torch.Generator | None) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(tuple(states["numpy"]))
+    random.setstate(states["python"])
+    kind, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(key, np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -1419,26 +1394,19 @@ def set_rng_states(states: dict, generator: torch.Generator | None) -> None:
 
 def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedule, scaler,
                     generator) -> None:
-    """Everything needed to continue after `epoch` as if never stopped, in one safetensors file
-    (tensors) whose metadata holds the rest as JSON; written atomically."""
-    tensors = {}
-    state = {"epoch": epoch, "best": pack(best, "best", tensors),
-             "model": pack(model.state_dict(), "model", tensors),
-             "optimizer": pack(optimizer.state_dict(), "optimizer", tensors),
-             "schedule": pack(schedule.state_dict(), "schedule", tensors),
-             "scaler": pack(scaler.state_dict(), "scaler", tensors),
-             "rng": pack(rng_states(generator), "rng", tensors)}
-    atomic_write(path, lambda f: f.write(save(tensors, metadata={"telme_checkpoint": json.dumps(state)})))
+    """Everything needed to continue after `epoch` as if never stopped; written atomically."""
+    state = {"epoch": epoch, "best": best, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(generator)}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict:
     """The state save_checkpoint wrote; a truncated or damaged file stops with a one-line error."""
     try:
-        tensors = load_file(path)
-        state = json.loads(safetensors_metadata(path)["telme_checkpoint"])
-        return {name: unpack(value, tensors) for name, value in state.items()}
-    except (SafetensorError, KeyError, ValueError) as error:
-        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({error}); delete it to "
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); delete it to "
                          "restart this phase from its first epoch") from None
 
 
@@ -1915,7 +1883,8 @@ def classification_report(logits: torch.Tensor, labels: np.ndarray, classes: lis
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=everything, zero_division=0)
     return {
-        "wf1": 100 * f1_score(labels, predictions, labels=everything, average="weighted", zero_division=0),
+        "wf1": 100 * float(f1_score(labels, predictions, labels=everything, average="weighted",
+                                    zero_division=0)),
         "per_class": {c: {"precision": 100 * float(precision[i]), "recall": 100 * float(recall[i]),
                           "f1": 100 * float(f1[i]), "support": int(support[i])}
                       for i, c in enumerate(classes)},

@@ -1040,7 +1040,7 @@ def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
         model(torch.randn(2, 4)).sum().backward()
         optimizer.step()
         schedule.step()
-    path = tmp_path / "checkpoints" / "teacher.safetensors"
+    path = telme.checkpoint_path(tmp_path, "teacher")
     telme.save_checkpoint(path, 2, {"dev_wf1": 50.0, "best_epoch": 2}, model, optimizer, schedule, scaler,
                           generator)
     expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), __import__("random").random())
@@ -1057,7 +1057,7 @@ def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(expected, again))
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(SystemExit, match=r"teacher.safetensors: truncated or damaged checkpoint"):
+    with pytest.raises(SystemExit, match=r"teacher.pt: truncated or damaged checkpoint"):
         telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
 
 
