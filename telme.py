@@ -1572,8 +1572,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         for split in ("dev", "test"):
             if split in loaders:
                 _, logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")
-                reports[split] = classification_report(logits, dataset_labels(loaders[split].dataset),
-                                                       classes)
+                reports[split] = split_scores(logits, dataset_labels(loaders[split].dataset), classes)
         dev_wf1 = reports["dev"]["wf1"]  # every rank holds the same (gathered) reports
         improved = dev_wf1 > best["dev_wf1"]
         if improved:
@@ -1876,8 +1875,9 @@ def read_run_config(run: Path) -> Config:
 # ==================================================================================================
 # 6. Evaluation
 # ==================================================================================================
-def classification_report(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -> dict:
-    """Weighted F1 (x100, the paper's metric), per-class precision/recall/F1 and the confusion matrix."""
+def split_scores(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -> dict:
+    """One split's scores: weighted F1 (x100, the paper's metric), per-class precision/recall/F1 and
+    the confusion matrix."""
     predictions = logits.argmax(-1).numpy()
     everything = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -1951,7 +1951,7 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
     outputs = eval_outputs(run, cfg, rt, splits)
     results = {}
     for phase in trained_phases(run):
-        reports = {s: classification_report(out[f"z_{phase}"], out["label"].numpy(), classes)
+        reports = {s: split_scores(out[f"z_{phase}"], out["label"].numpy(), classes)
                    for s, out in outputs.items()}
         metadata = safetensors_metadata(weights_path(run, phase))
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
