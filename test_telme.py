@@ -1189,7 +1189,7 @@ def cache_entry(tmp_path, kind, path, **switches):
                             **switches)
     media = telme.MediaCache(cfg)
     u = telme.Utterance(dialogue="0", speaker="a", text="t", label=0, video=str(path), audio=str(path))
-    media.prepare([u], workers=1, quiet=True, kinds=(kind,))
+    media.prepare([u], workers=1, quiet=True)
     return np.asarray(media.load(kind, u), dtype=np.float32), cfg
 
 
