@@ -86,7 +86,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 @dataclass
 class Config:
     dataset: str = "meld"
-    """meld or iemocap; selects the class set and the preset below (SPEC section 2)"""
+    """meld or iemocap; selects the class set and the preset below"""
     data_dir: str = ""
     """the dataset as released (MELD.Raw or IEMOCAP_full_release)"""
     cache_dir: str = ""
@@ -150,7 +150,7 @@ class Config:
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
     compat: str = "none"
-    """none: telme's fixes; official: the official code's behaviour D1-D8 (SPEC section 3), all switched on"""
+    """none: telme's fixes; official: the official code's behaviour D1-D8 (README: Differences), all switched on"""
     official_audio_rate: bool = False
     """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
     official_audio_pooling: bool = False
@@ -175,7 +175,7 @@ class Config:
     """any missing or undecodable clip exits non-zero before training (default: that modality replaced by zeros)"""
 
 
-# The official code's values per dataset (SPEC section 2); applied before command-line flags.
+# The official code's values per dataset; applied before command-line flags.
 PRESETS = {
     "meld": dict(lr=(1e-6, 1e-5, 1e-5), epochs=(10, 10, 10), tau=4.0, alpha=1.0, beta=1.0,
                  theta=0.1, heads=3, dropout=0.2),
@@ -184,7 +184,7 @@ PRESETS = {
 }
 PHASES = ("teacher", "audio", "visual", "fusion")
 AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp
-# The official code's behaviours that telme fixes by default (SPEC section 3), each with its switch;
+# The official code's behaviours that telme fixes by default (README: Differences), each with its switch;
 # D2 is the fusion's attention scope (asf_attention "batch"), D9 concerns only the official inference.
 OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling",
                      "D4": "official_schedule", "D5": "official_clipping", "D6": "official_speakers",
@@ -264,14 +264,14 @@ MELD_C1_PUNCTUATION = str.maketrans({
     "\xa0": " ",
 })
 
-# IEMOCAP as released (IEMOCAP_full_release/SessionN/, SPEC section 4). Session 5 is the test split;
+# IEMOCAP as released (IEMOCAP_full_release/SessionN/; README: Data). Session 5 is the test split;
 # dev is a tenth of the Session 1-4 dialogues (12 of 120), drawn by IEMOCAP_DEV_SEED from their
 # sorted names, fixed so that the split does not move with --seed.
 IEMOCAP_SESSIONS = ("Session1", "Session2", "Session3", "Session4", "Session5")
 IEMOCAP_TEST_SESSION = "Session5"
 IEMOCAP_DEV_FRACTION = 0.1
 IEMOCAP_DEV_SEED = 0
-IEMOCAP_DROPPED = {"xxx", "oth", "sur", "fea", "dis"}  # labels outside the six classes (SPEC section 4)
+IEMOCAP_DROPPED = {"xxx", "oth", "sur", "fea", "dis"}  # labels outside the paper's six classes
 # `Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.`; other transcription lines are not turns.
 IEMOCAP_TURN = re.compile(r"^(\S+) \[(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)\]:\s?(.*)$")
 # The official code's split CSVs; their paths begin with IEMOCAP_CSV_PREFIX, read as --data-dir.
@@ -1076,6 +1076,11 @@ def image_statistics(name: str) -> tuple[list[float], list[float]]:
     return list(processor.image_mean), list(processor.image_std)
 
 
+# A student (its phase) -> the media kind it reads: the word for what the cache holds, the batch key
+# and the encoder's directory; "visual" names the student, "video" what it sees.
+STUDENT_MEDIA = {"audio": "audio", "visual": "video"}
+
+
 def build_student(kind: str, encoder: nn.Module, num_classes: int, first_frame: bool = False) -> nn.Module:
     """The audio or visual student; first_frame: the official audio pooling (D3)."""
     if kind == "audio":
@@ -1139,7 +1144,7 @@ class ShiftingFusion(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def displacement(self, f_t, f_a, f_v):
-        """lam and H of ASF steps 1-3 (SPEC section 2): the teacher's feature moves by lam * H."""
+        """lam and H of ASF (paper, section 3.4): the teacher's feature moves by lam * H."""
         n = torch.cat([f_a, f_v], dim=-1)  # (B, 2D)
         if self.attention_scope == "modality":
             tokens = torch.stack([f_a, f_v])  # (2, B, D): sequence, batch, features
@@ -1444,7 +1449,7 @@ def load_teacher(run: Path, cfg: Config, rt: Runtime):
 
 
 def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
-    phase = "audio" if kind == "audio" else "visual"
+    phase = {media: student for student, media in STUDENT_MEDIA.items()}[kind]
     student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]),
                             cfg.official_audio_pooling)
     load_weights(student, weights_path(run, phase))
@@ -1743,11 +1748,10 @@ def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
                            ("visual", video_forward)):
         if phase not in encoders:
             continue
-        model = teacher if phase == "teacher" else load_student(
-            run, "audio" if phase == "audio" else "video", cfg, rt)
+        model = teacher if phase == "teacher" else load_student(run, STUDENT_MEDIA[phase], cfg, rt)
         for split, utts in splits.items():
             dataset = (teacher_dataset(cfg, tokenizer, utts) if phase == "teacher" else
-                       UtteranceDataset(utts, media=media, kinds=("audio" if phase == "audio" else "video",)))
+                       UtteranceDataset(utts, media=media, kinds=(STUDENT_MEDIA[phase],)))
             loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
                                  shuffle=False)
             features, logits = run_model(model, loader, forward, rt, cfg.quiet, f"{phase} {split}")
@@ -1893,7 +1897,7 @@ def dataset_labels(dataset) -> np.ndarray:
 
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
-    """One phase's entry of metrics.json (SPEC section 5)."""
+    """One phase's entry of metrics.json."""
     return {"dev_wf1": reports["dev"]["wf1"],
             "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
             "best_epoch": best_epoch,
@@ -1959,7 +1963,7 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
 
 
 # --- report.md: what a reader wants from a run, in one page ----------------------------------------
-# Test weighted F1 the paper reports (SPEC section 1): unimodal rows on MELD, the full model on both.
+# Test weighted F1 the paper reports: unimodal rows on MELD, the full model on both.
 PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion": 67.37},
              "iemocap": {"fusion": 70.48}}
 
@@ -2192,8 +2196,8 @@ def print_seed_summary(summary: dict) -> None:
 # file's name is not fixed by the official repository, so it is a flag (--fusion-file).
 OFFICIAL_FILES = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
                   "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
-# Each official module name -> telme's, per phase. In the fusion the shapes tell them apart (SPEC
-# section 2): W_hav maps [A; F_T] 2304 -> 768 (the gate g), W_av maps A 1536 -> 768 (the shift H),
+# Each official module name -> telme's, per phase. In the fusion the shapes tell them apart (paper,
+# section 3.4): W_hav maps [A; F_T] 2304 -> 768 (the gate g), W_av maps A 1536 -> 768 (the shift H),
 # AV_LayerNorm normalises the 1536-wide N', LayerNorm the 768-wide F_T + lam H, W classifies.
 OFFICIAL_MODULES = {
     "teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
@@ -2498,7 +2502,7 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
 # ==================================================================================================
 # 8. Benchmark: decoding once, the caches, full-size training steps
 # ==================================================================================================
-# MELD's clips (issue 4): 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC.
+# MELD's clips: 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC.
 BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000)
 # Synthetic footage: a random texture of 64-pixel blocks panning 3 pixels per frame, so that h264
 # has motion to encode as in real footage: about 1.1 MB per clip (16-pixel blocks gave 8 MB).
@@ -2513,7 +2517,7 @@ BENCH_TEXT_TOKENS = (64, 192)
 # 30 warm-up steps, 10.1 after 200), so the warm-up spans the lengths of the bench set.
 BENCH_STEPS = {"cpu": (1, 1), "cuda": (200, 50)}
 BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (20, 20)}
-# MELD's split sizes (SPEC section 1): the fusion epoch and the projected wall-clock.
+# MELD's split sizes: the fusion epoch and the projected wall-clock.
 MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
 
 
@@ -2584,7 +2588,7 @@ def bench_phase(job: tuple) -> dict:
         dataset = FeatureDataset(features | {"label": torch.tensor([u.label for u in utterances])})
         collate, forward, loss_fn = None, fusion_forward, fusion_loss
     else:  # a student on cached media, against the frozen teacher's precomputed outputs
-        kind, forward = ("audio", audio_forward) if phase == "audio" else ("video", video_forward)
+        kind, forward = STUDENT_MEDIA[phase], audio_forward if phase == "audio" else video_forward
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
         dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
         loss_fn = student_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),

@@ -83,7 +83,7 @@ def test_fusion_shapes_and_bounded_shift(attention):
 
 @pytest.mark.parametrize("theta, shift_bounded", [(0.1, True), (100.0, False)])
 def test_fusion_follows_the_asf_steps_of_the_spec(theta, shift_bounded):
-    """ASF (SPEC section 2, steps 1-4) re-derived from the module's weights without its forward:
+    """ASF (paper, section 3.4) re-derived from the module's weights without its forward:
     attention over the two tokens [F_A, F_V] of each utterance, A, g, H, lambda, Z and the logits."""
     f_t, f_a, f_v = fusion_inputs()
     batch, dim, heads = 6, 24, 3
@@ -1169,7 +1169,7 @@ def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(
 
 
 # --------------------------------------------------------------------------------------------------
-# The official code's behaviours D1-D8 (SPEC section 3): each switch changes what it names
+# The official code's behaviours D1-D8 (README: Differences): each switch changes what it names
 # --------------------------------------------------------------------------------------------------
 def test_compat_official_switches_on_d1_to_d8_and_nothing_by_default():
     fixed = telme.make_config("meld")
