@@ -19,19 +19,24 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
     python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
 
-Map of the file (paper order):
-    Config and presets ............ every flag, with where its value comes from
-    1. Data ....................... CSV -> dialogues -> teacher prompts; media decoding and its cache
-    2. Encoders ................... TextTeacher, AudioStudent, VisualStudent
-    3. Distillation ............... dist_loss (response level), feature_kd_loss (feature level)
-    4. Shifting fusion ............ ShiftingFusion (ASF)
-    5. Training ................... the three phases, each selecting its best epoch on dev;
-                                    checkpoints for --resume; DistributedDataParallel under torchrun
-    6. Evaluation ................. weighted F1, per-class report, metrics.json, report.md; predict;
-                                    the summary over seeds; importing the official checkpoints
-    7. Synthetic data and demo .... a MELD-layout dataset whose label is split across modalities
-    8. Benchmark .................. decoding, the caches and full-size training steps, as a table
-    9. Command line
+Map of the file (paper order), and where each piece of the paper lives:
+    Config and presets ............ Config: every flag, with where its value comes from; PRESETS
+    1. Data ....................... read_meld_split, read_iemocap: CSV -> dialogues; teacher_input_ids:
+                                    the teacher's prompt; MediaCache: clips decoded once
+                                    (decode_audio, decode_frames)
+    2. Encoders ................... TextTeacher (F_T), AudioStudent (F_A), VisualStudent (F_V)
+    3. Distillation (3.3) ......... dist_loss (L_resp, response level), feature_kd_loss (L_feat,
+                                    feature level), student_loss (L = CE + alpha L_resp + beta L_feat)
+    4. Shifting fusion (3.4) ...... ShiftingFusion (ASF): attention over [F_A, F_V], gate g, shift H,
+                                    its bound lam, Z = LN(F_T + lam H)
+    5. Training (3.5) ............. train -> train_teacher, train_students, train_fusion, each through
+                                    fit: the best dev epoch, the lr schedule (schedule_lengths),
+                                    checkpoints for --resume, DistributedDataParallel under torchrun
+    6. Evaluation ................. split_scores (weighted F1), evaluate (metrics.json), write_report
+                                    (report.md, confusion.png); predict; summarize; import_official
+    7. Synthetic data and demo .... synth (the label split across modalities), write_tiny_models, demo
+    8. Benchmark .................. bench: decoding, the caches and full-size training steps
+    9. Command line ............... main
 """
 from __future__ import annotations
 
@@ -1015,6 +1020,7 @@ class TextTeacher(nn.Module):
             positions["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
         h_mask = hidden[:, -1]  # (B, H): left padding keeps the mask token last
+        # F_T = W h_mask + b; z_T = classifier(F_T)
         feature = self.project(h_mask)  # (B, D)
         return feature, self.classifier(feature)
 
@@ -1098,27 +1104,38 @@ def pearson(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """Response-level KD (DIST): L_resp = tau^2 (L_inter + L_intra)."""
+    """Response-level KD (DIST): the student's class scores correlate with the teacher's, both per
+    sample and per class; rho is the Pearson correlation (`pearson`)."""
+    # p_s = softmax(z_s / tau), p_t = softmax(z_t / tau)
     p_s = F.softmax(student_logits.float() / tau, dim=-1)  # (B, C)
     p_t = F.softmax(teacher_logits.float() / tau, dim=-1)
-    inter = 1 - pearson(p_s, p_t).mean()  # each sample's distribution across classes
-    intra = 1 - pearson(p_s.T, p_t.T).mean()  # each class's scores across the batch
+    # L_inter = 1 - mean_i rho(p_s[i, :], p_t[i, :]): each sample's distribution across classes
+    inter = 1 - pearson(p_s, p_t).mean()
+    # L_intra = 1 - mean_c rho(p_s[:, c], p_t[:, c]): each class's scores across the batch
+    intra = 1 - pearson(p_s.T, p_t.T).mean()
+    # L_resp = tau^2 (L_inter + L_intra)
     return tau ** 2 * (inter + intra)
 
 
 def feature_kd_loss(teacher_features: torch.Tensor, student_features: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-    """Feature-level KD: KL(P || Q), P = softmax(T T^T / t), Q = softmax(T S^T / t), batch mean."""
+    """Feature-level KD: the student's features relate to the teacher's as the teacher's relate to
+    each other, compared as distributions over the batch."""
+    # T^ = F_T / ||F_T||, S^ = F_S / ||F_S||, row by row
     t = F.normalize(teacher_features.float(), dim=-1)  # (B, D)
     s = F.normalize(student_features.float(), dim=-1)
-    p = F.softmax(t @ t.T / temperature, dim=-1)  # (B, B): teacher-teacher similarities
-    log_q = F.log_softmax(t @ s.T / temperature, dim=-1)  # (B, B): teacher-student similarities
+    # P = softmax(T^ T^T / t), row-wise: teacher-teacher similarities
+    p = F.softmax(t @ t.T / temperature, dim=-1)  # (B, B)
+    # Q = softmax(T^ S^T / t), row-wise: teacher-student similarities
+    log_q = F.log_softmax(t @ s.T / temperature, dim=-1)  # (B, B)
+    # L_feat = (1/B) sum_i KL(P_i || Q_i)
     return F.kl_div(log_q, p, reduction="batchmean")
 
 
 def student_loss(student_logits, student_features, teacher_logits, teacher_features, labels,
                  cfg: Config) -> torch.Tensor:
-    """L = CE(z_s, y) + alpha L_resp + beta L_feat, the teacher frozen."""
+    """A student's training loss against the frozen teacher's logits and features."""
+    # L = CE(z_s, y) + alpha L_resp + beta L_feat
     return (F.cross_entropy(student_logits.float(), labels)
             + cfg.alpha * dist_loss(student_logits, teacher_logits, cfg.tau)
             + cfg.beta * feature_kd_loss(teacher_features, student_features, cfg.kd_temperature))
@@ -1263,7 +1280,10 @@ def progress(iterable, description: str, quiet: bool, **kwargs):
 
 
 def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
-    """Warmup and total length of the lr schedule, in scheduler steps (one per optimiser step)."""
+    """Warmup and total length of the lr schedule, in scheduler steps (one per optimiser step).
+
+    fit's schedule (transformers' get_linear_schedule_with_warmup), at scheduler step s:
+    lr(s) = lr * s / warmup while s < warmup, then lr * max(0, (total - s) / (total - warmup))."""
     # D4: the official code counts both in samples while stepping once per batch, so the warmup
     # lasts batch_size epochs and the decay would end batch_size times later than training does.
     per_epoch = len(train_loader.dataset) if cfg.official_schedule else len(train_loader)
