@@ -1483,7 +1483,7 @@ def test_d11_official_frames_through_the_media_cache(tmp_path):
                                 **switches)
         media = telme.MediaCache(cfg)
         u = telme.Utterance("d", "F", "t", 0, str(path), str(path), start=start, end=end)
-        media.prepare([u], workers=1, quiet=True, kinds=("video",))
+        media.prepare([u], workers=1, quiet=True)
         return shown_indices(np.asarray(media.load("video", u))).tolist()
     for count, official in ((40, [4, 9, 14, 19, 24, 29, 34, 39]), (21, [1, 3, 5, 7, 9, 11, 13, 15]),
                             (5, [0, 1, 2, 3, 4, 4, 4, 4])):
