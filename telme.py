@@ -49,6 +49,7 @@ import os
 import platform
 import random
 import re
+import socket
 import statistics
 import struct
 import subprocess
@@ -190,6 +191,17 @@ OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling"
                      "D7": "official_frames", "D8": "official_long_clips"}
 
 
+# The smallest value of each numeric flag and whether that value itself is allowed; make_config
+# checks them, so that a bad flag stops before anything is read or written.
+LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
+                "max_text_tokens": (2, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
+                "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
+                "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
+                "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
+                "warmup_epochs": (0, True), "grad_clip": (0, False), "workers": (0, True),
+                "loader_workers": (-1, True)}
+
+
 def make_config(dataset: str = "meld", **overrides) -> Config:
     """The dataset's preset, then the overrides; derived defaults resolved once here."""
     if dataset not in PRESETS:
@@ -217,6 +229,14 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         for d, name in OFFICIAL_SWITCHES.items():
             if d != "D8" or cfg.dataset == "meld":  # the official IEMOCAP code has no D8
                 setattr(cfg, name, True)
+    for name, (low, inclusive) in LOWER_BOUNDS.items():
+        values = getattr(cfg, name)
+        for value in values if isinstance(values, tuple) else (values,):
+            if not (value >= low if inclusive else value > low):  # also catches nan
+                raise SystemExit(f"telme: --{name.replace('_', '-')} must be "
+                                 f"{'at least' if inclusive else 'above'} {low}, not {value}")
+    if not cfg.dropout < 1:
+        raise SystemExit(f"telme: --dropout must be below 1, not {cfg.dropout}")
     attended = cfg.feature_dim * (2 if cfg.asf_attention == "batch" else 1)  # see ShiftingFusion
     if attended % cfg.heads:
         raise SystemExit(f"telme: --heads {cfg.heads} does not divide the fusion's attention width "
@@ -895,6 +915,12 @@ def media_seconds(path: str, start: float | None, end: float | None) -> float:
         raise MediaError(f"cannot decode: {error}") from None
 
 
+def current_umask() -> int:
+    mask = os.umask(0o22)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -902,6 +928,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600, as open() would have made it
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -1075,6 +1102,49 @@ def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
     return encoder
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a connection within seconds. Unreachable, loading
+    switches to offline mode: a cached model then loads without minutes of connection retries."""
+    import huggingface_hub
+    from urllib.parse import urlparse
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return False
+
+
+HUB_PROBE_SECONDS = 3
+
+
+def check_model(flag: str, name: str) -> None:
+    """Stop with one line, before anything is written, when an encoder cannot be loaded: a local
+    path that does not exist, or a hub name that is not in the local cache while the hub cannot
+    be reached (HF_HUB_OFFLINE=1, or no network)."""
+    import huggingface_hub
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise SystemExit(f"telme: {flag} {name}: a file; expected a model directory or a hub name")
+    try:  # a hub name is "name" or "owner/name"; anything else can only be a local path
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repository name
+        raise SystemExit(f"telme: {flag} {name}: no such directory") from None
+    if name.startswith((".", "/", "~")):
+        raise SystemExit(f"telme: {flag} {name}: no such directory")
+    if isinstance(cached, str) or hub_reachable():
+        return
+    raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
+                     f"({huggingface_hub.constants.HF_HUB_CACHE}) while the hub is unreachable or "
+                     f"HF_HUB_OFFLINE is set; download it ahead with `hf download {name}` (README: "
+                     "offline), or pass a local model directory")
+
+
 def image_statistics(name: str) -> tuple[list[float], list[float]]:
     """Mean and std from the video model's own image-processor config (D7)."""
     from transformers.image_processing_base import ImageProcessingMixin
@@ -1205,7 +1275,14 @@ def make_runtime(cfg: Config) -> Runtime:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun, one process per GPU
     if launched and name == "cuda":
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"telme: --device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"telme: --device {cfg.device}: torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"telme: --device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s)")
     if launched and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's collectives run on the current device
@@ -1368,22 +1445,45 @@ def phase_complete(run: Path, phase: str) -> bool:
     return complete_marker(run, phase).is_file()
 
 
-def forget_phases(run: Path, phases) -> None:
-    """Delete what an earlier run left of these phases (checkpoints, markers, weights, metrics.json
-    entries): a fresh run of a phase replaces it, and the phases after it were trained on the
-    weights it replaces."""
-    stale = [p for p in phases if weights_path(run, p).is_file()]
-    if stale:
-        log(f"telme: {run}: a fresh run from the {phases[0]} phase removes the earlier "
-            f"{', '.join(stale)} weights")
+def forget_phases(run: Path, phases, entries=()) -> None:
+    """Delete what an earlier run left of these phases (checkpoints, markers, weights) and their
+    metrics.json entries, with those of the phases in `entries`."""
     for phase in phases:
         checkpoint_path(run, phase).unlink(missing_ok=True)
         complete_marker(run, phase).unlink(missing_ok=True)
         weights_path(run, phase).unlink(missing_ok=True)
     metrics = run / "metrics.json"
-    if metrics.is_file():
-        kept = {p: m for p, m in json.loads(metrics.read_text()).items() if p not in phases}
+    stale = set(phases) | set(entries)
+    if metrics.is_file() and stale & set(everything := json.loads(metrics.read_text())):
+        kept = {p: m for p, m in everything.items() if p not in stale}
         atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
+
+
+# The phases trained on each phase's weights (the students distil the teacher, the fusion reads all three).
+DEPENDENT_PHASES = {"teacher": ("audio", "visual", "fusion"), "audio": ("fusion",), "visual": ("fusion",),
+                    "fusion": ()}
+
+
+def replace_weights(run: Path, phase: str, model: nn.Module, **metadata) -> None:
+    """Write a phase's new best weights over its old ones; only then go the weights of the phases
+    trained on the old ones, and the old metrics.json entry, so that a run that fails before its
+    first epoch ends leaves the earlier run's weights as they were."""
+    stale = [p for p in DEPENDENT_PHASES[phase] if weights_path(run, p).is_file()]
+    save_weights(model, weights_path(run, phase), **metadata)
+    if stale:
+        log(f"telme: {run}: new {phase} weights; removed the {', '.join(stale)} weights trained on the old ones")
+    forget_phases(run, DEPENDENT_PHASES[phase], entries=(phase,))
+
+
+def saved_epoch(run: Path, phase: str) -> int | None:
+    """The last epoch a phase's checkpoint holds (its metadata alone is read); None without one."""
+    path = checkpoint_path(run, phase)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(safetensors_metadata(path)["telme_checkpoint"])["epoch"]
+    except (SafetensorError, KeyError, ValueError):
+        return None
 
 
 def pack(value, name: str, tensors: dict):
@@ -1599,11 +1699,12 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                                         loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
         weights = weights_path(run, phase)
+        written = {"best_epoch": str(done), "dev_wf1": str(best["dev_wf1"])}
         if (is_main_process() and best["best_epoch"] == done and not (
-                weights.is_file() and safetensors_metadata(weights).get("best_epoch") == str(done))):
-            # Stopped between this best epoch's checkpoint and its weights: the model just restored
-            # is that epoch's.
-            save_weights(model, weights, best_epoch=done, dev_wf1=best["dev_wf1"])
+                weights.is_file() and written.items() <= safetensors_metadata(weights).items())):
+            # Stopped between this best epoch's checkpoint and its weights (the weights there, if
+            # any, are an earlier run's): the model just restored is that epoch's.
+            replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
     trained = data_parallel(model, rt)
     if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
         trained = torch.compile(trained)
@@ -1642,7 +1743,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
                         loaders["train"].generator)
         if improved:
-            save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
+            replace_weights(run, phase, model, best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
         update_metrics(run, phase, best)
         # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
@@ -1844,12 +1945,18 @@ PHASE_GROUPS = {"teacher": ("teacher",), "students": ("audio", "visual"), "fusio
                 "all": PHASES}
 
 
-def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
+# The encoder flag each phase loads a pretrained model from.
+PHASE_MODELS = {"teacher": "text_model", "audio": "audio_model", "visual": "video_model"}
+
+
+def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool = False) -> dict:
     """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out.
 
-    With `resume`, phases that completed are skipped and an interrupted one continues from its
-    last checkpoint; without it, every phase named starts from scratch, and what an earlier run
-    left of it and of the phases after it is deleted (forget_phases)."""
+    Every input (flags, data, models, device) is checked before anything is written. A phase
+    that the run already holds (its weights or checkpoint, or those of a later phase trained on
+    it) needs `resume` (complete phases are skipped, an interrupted one continues from its last
+    checkpoint) or `overwrite` (they train from scratch; the old weights go only once new ones
+    exist, replace_weights). The next phase of a run needs neither."""
     run = Path(cfg.out)
     first = PHASES.index(PHASE_GROUPS[phase][0])
     # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
@@ -1857,21 +1964,36 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     if untrained:
         raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs "
                          f"them: train the earlier phases first")
+    if resume and overwrite:
+        raise SystemExit("telme: --resume continues a run, --overwrite starts its phases anew: give one")
+    held = [p for p in PHASES[first:] if weights_path(run, p).is_file() or checkpoint_path(run, p).is_file()]
+    if held and not (resume or overwrite):
+        raise SystemExit(f"telme: {run} already holds {', '.join(held)} weights or checkpoints; "
+                         f"--resume {run} continues that run, --overwrite trains --phase {phase} anew "
+                         "(and removes the phases trained on it)")
     rt = make_runtime(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    if resume:
-        skipped = [p for p in PHASE_GROUPS[phase] if phase_complete(run, p)]
-        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
-    elif is_main_process():
-        write_run_config(cfg, rt, run)
-        forget_phases(run, PHASES[first:])
-    barrier()  # every rank sees the same checkpoints when deciding what to skip
     splits = load_splits(cfg)
+    todo = [p for p in PHASE_GROUPS[phase] if not (resume and phase_complete(run, p))]
+    for p in todo:
+        if p in PHASE_MODELS:
+            check_model("--" + PHASE_MODELS[p].replace("_", "-"), getattr(cfg, PHASE_MODELS[p]))
+    # Every input checked: from here on the run directory changes.
+    if is_main_process():
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_config(cfg, rt, run)
+            for p in todo:  # a phase trained anew starts from its first epoch
+                checkpoint_path(run, p).unlink(missing_ok=True)
+                complete_marker(run, p).unlink(missing_ok=True)
+    if resume:
+        skipped = [p for p in PHASE_GROUPS[phase] if p not in todo]
+        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
+    barrier()  # every rank sees the same checkpoints when deciding what to skip
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
     # Media decoded once, before any phase trains, for the phases still to run that read it (the
     # teacher reads none); under --strict a media fault stops the run here.
-    todo = {p for p in PHASE_GROUPS[phase] if not phase_complete(run, p)}
+    todo = set(todo)
     media = prepare_media(cfg, splits) if todo - {"teacher"} else None
     if "teacher" in todo:
         seed_everything(cfg.seed)
@@ -2548,19 +2670,26 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
 # Tiny models and learning rates that a CPU trains in minutes; everything else is the preset.
 DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_tokens=48,
             image_size=32, feature_dim=48, max_audio_samples=48000)
+# The demo's torch threads: its tiny models gain little from a second thread (README: threads).
+DEMO_THREADS = 1
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, dialogues: int = 48, quiet: bool = False) -> dict:
     """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present.
     `out` is the run directory; the demo's own inputs (data, models, media cache) go in out/inputs."""
     started = time.time()
+    # A demo run directory is the demo's to replace; any other run is refused (train's check).
+    config = out / "config.json"
+    again = config.is_file() and json.loads(config.read_text())["config"]["data_dir"] == str(out / "inputs" / "data")
+    if any(weights_path(out, p).is_file() for p in PHASES) and not again:
+        raise SystemExit(f"telme: {out} holds a run that is not a demo's; choose another --out")
     data = synth(out / "inputs" / "data", dataset, dialogues, seed=seed)
     corpus = [u.text for utts in load_splits(make_config(dataset, data_dir=str(data))).values() for u in utts]
     models = write_tiny_models(out / "inputs" / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
     cfg = make_config(dataset, data_dir=str(data), out=str(out), cache_dir=str(out / "inputs" / "cache"),
                       text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
                       seed=seed, quiet=quiet, **DEMO)
-    train(cfg)
+    train(cfg, overwrite=again)
     results = evaluate(Path(cfg.out), quiet=quiet, per_class=False)
     print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}; "
           f"per-class reports: python telme.py eval --run {cfg.out}")
@@ -2917,9 +3046,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(prepare)
     train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
     add_config_flags(train_cmd)
-    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all")
+    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all",
+                           help="teacher (text), students (audio, then visual; needs the teacher), "
+                                "fusion (needs all three), or all in turn [default: all]")
     train_cmd.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                            "completed epoch, with the configuration in RUN/config.json")
+    train_cmd.add_argument("--overwrite", action="store_true",
+                           help="train phases that --out already holds anew; their old weights, and "
+                                "those of the phases trained on them, go once new weights exist")
     eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
     eval_cmd.add_argument("--run", required=True)
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
@@ -2977,25 +3111,68 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
     bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
                            help=f"the phases (b) times [default: {','.join(PHASES)}]")
-    bench_cmd.add_argument("--threads", type=int, default=0,
-                           help="torch intra-op threads [default: torch's own, one per core]; on a "
-                                "shared CPU, 1 avoids threads spinning while they wait for a core")
     add_config_flags(bench_cmd, ("device", "amp", "compile", "workers", "loader_workers", "batch_size",
                                  "eval_batch_size"))
+    for name, command in commands.choices.items():
+        default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
+        command.add_argument("--threads", type=int, default=None,
+                             help=f"torch CPU threads [default: {default}]; on a CPU shared with other "
+                                  "jobs, 1 keeps threads from spinning while they wait for a core (README)")
     return parser
 
 
+# argparse reads "-1e-3" as a flag (only "-1" and "-.5" look like numbers to it).
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`, so that a negative value reaches the range check (make_config)."""
+    joined = []
+    for token in argv:
+        if (NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--")
+                and "=" not in joined[-1]):
+            joined[-1] += "=" + token
+        else:
+            joined.append(token)
+    return joined
+
+
+def default_threads(command: str) -> int:
+    if command == "demo":
+        return DEMO_THREADS
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def interrupted(run: Path, phase: str) -> str:
+    """The line Ctrl-C during train ends with: what the run directory holds, and how to continue."""
+    if not (run / "config.json").is_file():
+        return "telme: interrupted before training began; nothing was written"
+    saved = [f"{p} complete" if phase_complete(run, p) else f"{p} up to epoch {saved_epoch(run, p)}"
+             for p in PHASES if phase_complete(run, p) or saved_epoch(run, p) is not None]
+    return (f"telme: interrupted; {run} holds " + (", ".join(saved) or "no finished epoch")
+            + f"; continue with: python telme.py train --resume {run} --phase {phase}")
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args.threads = args.threads if args.threads is not None else default_threads(args.command)
+    if args.threads < 1:
+        raise SystemExit(f"telme: --threads must be at least 1, not {args.threads}")
+    torch.set_num_threads(args.threads)
 
     if args.command == "prepare":
         cfg = config_from_args(args)
         make_runtime(cfg)  # under torchrun: joins the other processes, which share the decoding
         prepare_media(cfg, load_splits(cfg))
-    elif args.command == "train" and args.resume:
-        train(resume_config(args), args.phase, resume=True)
     elif args.command == "train":
-        train(config_from_args(args), args.phase)
+        cfg = resume_config(args) if args.resume else config_from_args(args)
+        try:
+            train(cfg, args.phase, resume=bool(args.resume), overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            print(interrupted(Path(cfg.out), args.phase), file=sys.stderr)
+            sys.exit(130)
     elif args.command == "predict":
         result = predict(Path(args.run), args.text, args.video, args.audio,
                          read_history(Path(args.history)) if args.history else [], args.speaker, args.device)

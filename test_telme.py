@@ -851,15 +851,74 @@ def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, 
         run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
 
 
-def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path):
+def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path, monkeypatch):
     out, _ = demo_run
     run = tmp_path / "run"
     shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
     cfg = telme.dataclasses.replace(telme.read_run_config(run), out=str(run), epochs=(1, 1, 1))
-    telme.train(cfg, "teacher")
+    with pytest.raises(SystemExit, match="already holds teacher, audio, visual, fusion weights or "
+                                         "checkpoints; --resume .* continues that run, --overwrite"):
+        telme.train(cfg, "teacher")
+    # Stopped before its first weights exist, an --overwrite run leaves the old ones as they were.
+    monkeypatch.setattr(telme, "save_weights", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        telme.train(cfg, "teacher", overwrite=True)
+    assert all(file_bytes(run)[f"{p}.safetensors"] == before[f"{p}.safetensors"] for p in telme.PHASES)
+    monkeypatch.undo()
+    telme.train(cfg, "teacher", overwrite=True)
     assert telme.trained_phases(run) == ["teacher"]
     assert list(json.loads((run / "metrics.json").read_text())) == ["teacher"]
     assert json.loads((run / "checkpoints" / "teacher.complete").read_text())["epochs"] == 1
+
+
+def file_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli_flags(cfg) -> list[str]:
+    """The train flags that give `cfg` (those that differ from the meld preset)."""
+    preset, flags = telme.make_config("meld"), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(preset, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-"))
+        else:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return flags
+
+
+def one_line_exit(capsys, argv) -> str:
+    """telme.main(argv) stops within seconds with one line and exit status 1; returns the line."""
+    import time
+    started = time.time()
+    with pytest.raises(SystemExit) as stop:
+        telme.main(argv)
+    assert time.time() - started < 15
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code  # Python prints it, exit 1
+    assert "Traceback" not in capsys.readouterr().err
+    return stop.value.code
+
+
+def test_a_failing_train_leaves_the_finished_run_byte_identical(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
+    cfg = telme.read_run_config(run)
+    flags = ["train", "--phase", "teacher", *cli_flags(dataclasses.replace(cfg, out=str(run)))]
+    typo = str(tmp_path / "MELD.Rwa")
+    data = ["--data-dir", cfg.data_dir]
+    for extra, problem in ((["--data-dir", typo], "already holds teacher, audio, visual, fusion weights"),
+                           (["--data-dir", typo, "--overwrite"], f"{typo}/train_sent_emo.csv not found"),
+                           ([*data, "--batch-size", "0", "--overwrite"], "--batch-size must be at least 1, not 0"),
+                           ([*data, "--text-model", "/no/such/dir", "--overwrite"], "/no/such/dir: no such directory"),
+                           ([*data, "--resume", str(run), "--overwrite"], "give one")):
+        assert problem in one_line_exit(capsys, flags + extra)
+        assert file_bytes(run) == before  # config.json and metrics.json included
 
 
 def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
