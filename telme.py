@@ -487,20 +487,24 @@ def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
     return utterances
 
 
-def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
-    """train, dev and (when present) test utterances, in dialogue order."""
+def load_splits(cfg: Config, required=("train", "dev")) -> dict[str, list[Utterance]]:
+    """train, dev and (when present) test utterances, in dialogue order; MELD's `required` splits
+    must be there (eval needs none: it scores the splits it finds)."""
     data_dir = Path(cfg.data_dir)
     try:
         if cfg.dataset == "iemocap":
             return load_iemocap(data_dir)
-        for split in ("train", "dev"):
+        if not required and not any((data_dir / MELD_SPLITS[s][0]).is_file() for s in ("dev", "test")):
+            raise SystemExit(f"telme: {data_dir} holds neither {MELD_SPLITS['dev'][0]} nor "
+                             f"{MELD_SPLITS['test'][0]}: nothing to evaluate")
+        for split in required:
             if not (data_dir / MELD_SPLITS[split][0]).is_file():
                 raise SystemExit(
                     f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
                     "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
                     "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
                     "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
-        if not (data_dir / MELD_SPLITS["test"][0]).is_file():
+        if required and not (data_dir / MELD_SPLITS["test"][0]).is_file():
             warn(f"telme: {data_dir / MELD_SPLITS['test'][0]} not found: no test split (test_wf1 null)")
         return {split: read_meld_split(data_dir, split) for split in MELD_SPLITS
                 if (data_dir / MELD_SPLITS[split][0]).is_file()}
@@ -2069,8 +2073,8 @@ def dataset_labels(dataset) -> np.ndarray:
 
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
-    """One phase's entry of metrics.json (SPEC section 5)."""
-    return {"dev_wf1": reports["dev"]["wf1"],
+    """One phase's entry of metrics.json (README: outputs); a split that is not there scores None."""
+    return {"dev_wf1": reports["dev"]["wf1"] if "dev" in reports else None,
             "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
             "best_epoch": best_epoch,
             "per_class": {split: r["per_class"] for split, r in reports.items()},
@@ -2110,28 +2114,76 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     return outputs
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True, **overrides) -> dict:
-    """Recompute every trained phase's metrics from its saved weights; write metrics.json and
-    report.md (with confusion.png). `overrides`: data_dir, cache_dir or device, where they are not
-    those of the run's config.json (another machine, a moved dataset)."""
-    cfg = dataclasses.replace(read_run_config(run), quiet=quiet, **overrides)
+def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
+    """Whether `data_dir` holds the data the run was trained on: the same folder, or, where that
+    folder is gone (the data moved), the same class counts per split as the run's metrics.json."""
+    if Path(data_dir).resolve() == Path(saved.data_dir).resolve():
+        return True
+    if Path(saved.data_dir).exists() or not (run / "metrics.json").is_file():
+        return False
+    recorded = next(iter(json.loads((run / "metrics.json").read_text()).values()))["per_class"]
+    classes = EMOTIONS[saved.dataset]
+    return set(recorded) == set(splits) and all(
+        [recorded[s][c]["support"] for c in classes] == [sum(u.label == i for u in utts) for i in range(len(classes))]
+        for s, utts in splits.items())
+
+
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
+             out: Path | None = None, **overrides) -> dict:
+    """Recompute every trained phase's metrics from its saved weights on the dev and test splits
+    there are; write metrics.json, report.md (with confusion.png) and predictions.csv into the run,
+    or into `out`. `overrides`: data_dir, cache_dir or device, where they are not those of the
+    run's config.json (another machine, a moved dataset). Other data than the run's needs `out`:
+    the run's own record is never replaced by figures on other data."""
+    saved = read_run_config(run)
+    cfg = dataclasses.replace(saved, quiet=quiet, **overrides)
     rt = make_runtime(cfg)
-    splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
+    splits = {s: u for s, u in load_splits(cfg, required=()).items() if s in ("dev", "test")}
+    if out is None and not same_data(run, saved, cfg.data_dir, splits):
+        raise SystemExit(f"telme: {cfg.data_dir} is not the data {run} was trained on ({saved.data_dir}); "
+                         "give --out DIR for its metrics, report and predictions (the run's stay as they are)")
+    target = out or run
     classes = EMOTIONS[cfg.dataset]
     outputs = eval_outputs(run, cfg, rt, splits)
     results = {}
     for phase in trained_phases(run):
-        reports = {s: classification_report(out[f"z_{phase}"], out["label"].numpy(), classes)
-                   for s, out in outputs.items()}
+        reports = {s: classification_report(o[f"z_{phase}"], o["label"].numpy(), classes)
+                   for s, o in outputs.items()}
         metadata = safetensors_metadata(weights_path(run, phase))
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
     if is_main_process():
-        for phase, metrics in results.items():
-            update_metrics(run, phase, metrics)
+        if target == run:
+            for phase, metrics in results.items():
+                update_metrics(run, phase, metrics)
+        else:
+            atomic_write(target / "metrics.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
         if per_class:
             print_per_class(results, classes, split)
-        write_report(run, results, cfg.dataset, split if split in splits else "dev")
+        write_report(target, results, cfg.dataset, split if split in splits else next(iter(splits)),
+                     run=run, data_dir=cfg.data_dir)
+        write_predictions(target / "predictions.csv", splits, outputs, classes)
     return results
+
+
+def write_predictions(path: Path, splits: dict, outputs: dict, classes: list[str], labelled: bool = True) -> None:
+    """One row per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label
+    (empty where unknown), then each phase's predicted label and class probabilities; for error
+    analysis and significance tests."""
+    import io
+    phases = [p for p in PHASES if f"z_{p}" in next(iter(outputs.values()))]
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["split", "dialogue", "utterance", "speaker", "text", "label"]
+                    + [f"{p}_{c}" for p in phases for c in ("prediction", *classes)])
+    for split, utts in splits.items():
+        probabilities = {p: F.softmax(outputs[split][f"z_{p}"].float(), -1) for p in phases}
+        for i, u in enumerate(utts):
+            row = [split, u.dialogue, Path(u.audio or u.video).stem, u.speaker, u.text,
+                   classes[u.label] if labelled else ""]
+            for p in phases:
+                row += [classes[int(probabilities[p][i].argmax())], *(f"{x:.6f}" for x in probabilities[p][i].tolist())]
+            writer.writerow(row)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 # --- report.md: what a reader wants from a run, in one page ----------------------------------------
@@ -2140,22 +2192,27 @@ PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion
              "iemocap": {"fusion": 70.48}}
 
 
-def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
-    """RUN/report.md: the per-phase comparison, then per-class scores and the confusion matrix
-    (counts, row-normalised, and RUN/confusion.png) of the final phase on `split`."""
+def write_report(target: Path, results: dict, dataset: str, split: str, run: Path | None = None,
+                 data_dir: str = "") -> None:
+    """TARGET/report.md: the per-phase comparison, then per-class scores and the confusion matrix
+    (counts, row-normalised, and TARGET/confusion.png) of the final phase on `split`. `run`, the
+    run whose weights were scored, is `target` unless eval wrote elsewhere (--out)."""
     classes = EMOTIONS[dataset]
+    run = run or target
     final = list(results)[-1]  # the last trained phase: fusion once the run is complete
     paper = PAPER_WF1.get(dataset, {})
     lines = [f"# telme report: {run.name}", "",
-             f"Dataset `{dataset}`; weighted F1 x100, each phase at the epoch with the best dev "
+             f"Dataset `{dataset}`" + (f", data `{data_dir}`" if data_dir else "")
+             + (f", weights of run `{run}`" if run != target else "")
+             + "; weighted F1 x100, each phase at the epoch with the best dev "
              "weighted F1. Written by `telme.py eval` from the saved weights.", "",
              "## Phases", "",
              "| phase | best epoch | dev W-F1 | test W-F1 | paper test W-F1 |",
              "|---|---|---|---|---|"]
     for phase, m in results.items():
-        test = f"{m['test_wf1']:.2f}" if m["test_wf1"] is not None else "n/a"
+        dev, test = (f"{m[k]:.2f}" if m[k] is not None else "n/a" for k in ("dev_wf1", "test_wf1"))
         reference = f"{paper[phase]:.2f}" if phase in paper else ""
-        lines.append(f"| {phase} | {m['best_epoch']} | {m['dev_wf1']:.2f} | {test} | {reference} |")
+        lines.append(f"| {phase} | {m['best_epoch']} | {dev} | {test} | {reference} |")
     if paper:
         lines += ["", f"The paper's figures are on the released {dataset.upper()} test split; "
                   "they compare with ours only when this run trained on that data."]
@@ -2177,8 +2234,8 @@ def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
               "In the image, row and column i are class i: "
               + ", ".join(f"{i} {c}" for i, c in enumerate(classes))
               + "; the shade is the row-normalised share, the number the count.", ""]
-    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts, normalised)))
-    atomic_write(run / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(target / "confusion.png", lambda f: f.write(confusion_png(counts, normalised)))
+    atomic_write(target / "report.md", lambda f: f.write("\n".join(lines).encode()))
 
 
 # A 3x5 pixel font for the digits the confusion-matrix image prints (rows of three bits).
@@ -2246,8 +2303,9 @@ def print_per_class(results: dict, classes: list[str], split: str) -> None:
 def print_summary(results: dict) -> None:
     print(f"\n| {'phase':8s} | dev W-F1 | test W-F1 |\n|----------|----------|-----------|")
     for phase, m in results.items():
-        test = f"{m['test_wf1']:9.2f}" if m["test_wf1"] is not None else "      n/a"
-        print(f"| {phase:8s} | {m['dev_wf1']:8.2f} | {test} |")
+        dev, test = (f"{m[k]:{w}.2f}" if m[k] is not None else f"{'n/a':>{w}s}"
+                     for k, w in (("dev_wf1", 8), ("test_wf1", 9)))
+        print(f"| {phase:8s} | {dev} | {test} |")
 
 
 # --- Inference: one new utterance, from its clip, its text and the dialogue so far ----------------
@@ -3055,7 +3113,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train phases that --out already holds anew; their old weights, and "
                                 "those of the phases trained on them, go once new weights exist")
     eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
-    eval_cmd.add_argument("--run", required=True)
+    eval_cmd.add_argument("--run", required=True, help="a trained run directory")
+    eval_cmd.add_argument("--out", help="folder for metrics.json, report.md, confusion.png and "
+                          "predictions.csv [default: the run itself; needed for data other than the run's]")
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split whose per-class table is printed")
     eval_cmd.add_argument("--quiet", action="store_true")
@@ -3184,7 +3244,7 @@ def main(argv=None) -> None:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
         overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, **overrides)
+        results = evaluate(Path(args.run), args.split, args.quiet, out=args.out and Path(args.out), **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":

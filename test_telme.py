@@ -939,6 +939,53 @@ def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
     assert {p: metrics[p]["test_wf1"] for p in telme.PHASES} == {p: results[p]["test_wf1"] for p in telme.PHASES}
 
 
+def wf1_from_predictions(path: Path) -> dict:
+    """{(split, phase): weighted F1 x100} recomputed from predictions.csv."""
+    from sklearn.metrics import f1_score
+    rows = list(csv.DictReader(path.open()))
+    phases = [c[:-len("_prediction")] for c in rows[0] if c.endswith("_prediction")]
+    return {(split, p): 100 * f1_score([r["label"] for r in rows if r["split"] == split],
+                                       [r[f"{p}_prediction"] for r in rows if r["split"] == split],
+                                       average="weighted")
+            for split in {r["split"] for r in rows} for p in phases}
+
+
+def test_predictions_csv_gives_back_the_weighted_f1_of_metrics_json(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    recomputed = wf1_from_predictions(out / "predictions.csv")
+    assert {p for _, p in recomputed} == set(telme.PHASES)
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(metrics[phase][f"{split}_wf1"], abs=1e-6)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    test = telme.load_splits(telme.read_run_config(out))["test"]
+    assert [r["utterance"] for r in rows if r["split"] == "test"] == [Path(u.video).stem for u in test]
+    assert all(abs(sum(float(r[f"fusion_{c}"]) for c in telme.EMOTIONS["meld"]) - 1) < 1e-4 for r in rows)
+
+
+def test_eval_on_other_data_writes_its_own_folder_and_leaves_the_run(demo_run, tmp_path, capsys):
+    """Labelled clips of one's own (a test CSV and its clips, no train or dev CSV) score into --out;
+    the run's metrics.json and report stay as they were."""
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
+    other = telme.synth(tmp_path / "other", "meld", dialogues=4, seed=3)
+    for split in ("train", "dev"):
+        (other / telme.MELD_SPLITS[split][0]).unlink()
+    argv = ["eval", "--run", str(run), "--data-dir", str(other), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert "is not the data" in one_line_exit(capsys, argv) and file_bytes(run) == before
+    telme.main(argv + ["--out", str(tmp_path / "scored")])
+    assert file_bytes(run) == before
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert list(scored) == list(telme.PHASES) and all(m["dev_wf1"] is None for m in scored.values())
+    assert str(other) in (tmp_path / "scored" / "report.md").read_text()
+    recomputed = wf1_from_predictions(tmp_path / "scored" / "predictions.csv")
+    assert {s for s, _ in recomputed} == {"test"}
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(scored[phase]["test_wf1"], abs=1e-6)
+
+
 def markdown_table(lines, first_cell):
     """The rows (as lists of cells) of the markdown table whose header starts with first_cell."""
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell}"))
