@@ -86,9 +86,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 @dataclass
 class Config:
     dataset: str = "meld"
-    """meld or iemocap; selects the class set and the preset below (SPEC section 2)"""
+    """meld or iemocap; selects the class set and the dataset's preset of the official values"""
     data_dir: str = ""
-    """the dataset as released (MELD.Raw or IEMOCAP_full_release)"""
+    """the dataset as released (MELD.Raw or IEMOCAP_full_release); prepare and train need it"""
     cache_dir: str = ""
     """decoded-media cache; default: $TELME_CACHE or ~/.cache/telme"""
     out: str = ""
@@ -150,7 +150,7 @@ class Config:
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
     compat: str = "none"
-    """none: telme's fixes; official: the official code's behaviour D1-D8 (SPEC section 3), all switched on"""
+    """none: telme's fixes; official: the official code's behaviour D1-D8 (README: differences), all switched on"""
     official_audio_rate: bool = False
     """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
     official_audio_pooling: bool = False
@@ -360,13 +360,19 @@ def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int
 
 def read_meld_split(data_dir: Path, split: str) -> list[Utterance]:
     csv_name, clip_dir = MELD_SPLITS[split]
-    path = data_dir / csv_name
+    return read_meld_csv(data_dir / csv_name, data_dir / clip_dir)
+
+
+def read_meld_csv(path: Path, clip_dir: Path, labelled: bool = True) -> list[Utterance]:
+    """The utterances of a CSV in MELD's layout, their clips dia<D>_utt<U>.mp4 in `clip_dir`;
+    unlabelled (no Emotion column needed, label 0 in its place) for predict --csv."""
     classes = EMOTIONS["meld"]
     utterances = []
-    for row_number, row in csv_rows(path, MELD_REQUIRED, "Dialogue_ID"):
-        label = row_label(path, row_number, row, classes)
+    required = MELD_REQUIRED if labelled else [c for c in MELD_REQUIRED if c != "Emotion"]
+    for row_number, row in csv_rows(path, required, "Dialogue_ID"):
+        label = row_label(path, row_number, row, classes) if labelled else 0
         dialogue = row["Dialogue_ID"].strip()
-        clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
+        clip = str(clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
             text=row["Utterance"].translate(MELD_C1_PUNCTUATION).strip(),
@@ -620,6 +626,8 @@ DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivis
 
 def open_media(path: str):
     """The opened container; a MediaError for a missing or empty file."""
+    if os.path.isdir(path):
+        raise MediaError("is a directory")
     if not os.path.isfile(path):
         raise MediaError("file not found")
     if os.path.getsize(path) == 0:
@@ -1345,9 +1353,27 @@ def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress line this often
+
+
 def progress(iterable, description: str, quiet: bool, **kwargs):
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
+    """A tqdm bar on a terminal; otherwise a line about every PROGRESS_SECONDS (a teacher epoch on a
+    CPU takes many minutes); nothing under --quiet."""
+    if sys.stderr.isatty() or quiet or not is_main_process():
+        return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
+                    disable=quiet or not is_main_process(), **kwargs)
+    return progress_lines(iterable, description, kwargs.get("total"), kwargs.get("unit", "batch"))
+
+
+def progress_lines(iterable, description: str, total: int | None, unit: str):
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    started = last = time.time()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        if time.time() - last >= PROGRESS_SECONDS:
+            last = time.time()
+            print(f"{description}: {unit} {done}{f'/{total}' if total else ''}, {last - started:.0f} s",
+                  file=sys.stderr, flush=True)
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
@@ -2331,55 +2357,113 @@ def read_history(path: Path) -> list[tuple[str, str]]:
     return turns
 
 
-def predict(run: Path, text: str, video: str | None = None, audio: str | None = None,
-            history: list[tuple[str, str]] = (), speaker: str = NEW_SPEAKER, device: str = "auto") -> dict:
-    """Every trained phase's class probabilities for one utterance, through the same prompt,
-    decoding and collation as training and eval. A modality that is absent (no file, no stream)
-    goes in as zeros, as an undecodable clip does in training."""
-    cfg = dataclasses.replace(read_run_config(run), device=device, quiet=True)
-    rt = make_runtime(cfg)
-    classes, trained = EMOTIONS[cfg.dataset], trained_phases(run)
-    audio = audio or video  # a clip's own sound unless a separate recording is given
-    item, missing = {"index": 0, "label": 0}, {}
-    if trained != ["teacher"]:
-        settings = MediaCache(cfg).settings
-        for kind, path in (("audio", audio), ("video", video)):
+class Predictor:
+    """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict`
+    uses it too):
+
+        from telme import Predictor
+        model = Predictor("runs/meld")                 # device="auto"
+        result = model.predict("Oh my God!", history=[("Ross", "Hi.")], speaker="Rachel",
+                               video="clip.mp4")       # audio: the clip's own sound unless given
+        result["prediction"], result["probabilities"]  # the fusion's class and its distribution
+
+    A file that is named but cannot be decoded stops with a one-line error, unless
+    `missing_as_zeros` puts zeros in its place, as training does for an undecodable clip.
+    """
+
+    def __init__(self, run, device: str = "auto", missing_as_zeros: bool = False):
+        self.run = Path(run)
+        self.cfg = dataclasses.replace(read_run_config(self.run), device=device, quiet=True)
+        self.rt = make_runtime(self.cfg)
+        self.missing_as_zeros = missing_as_zeros
+        self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(self.run)
+        self.teacher, self.tokenizer = load_teacher(self.run, self.cfg, self.rt)
+        self.models = {"teacher": self.teacher}
+        for phase, kind in (("audio", "audio"), ("visual", "video")):
+            if phase in self.trained:
+                self.models[phase] = load_student(self.run, kind, self.cfg, self.rt)
+        self.fusion = load_fusion(self.run, self.cfg, self.rt) if "fusion" in self.trained else None
+        self.image_stats = (image_statistics(str(encoder_dir(self.run, "video")))
+                            if "visual" in self.trained else None)
+        self.settings = MediaCache(self.cfg).settings
+
+    def media(self, video: str | None, audio: str | None) -> tuple[dict, dict]:
+        """The decoded inputs and {kind: why it is zeros} for the modalities that are."""
+        item, missing = {}, {}
+        for kind, path in (("video", video), ("audio", audio or video)):  # the clip's own sound by default
+            if path and os.path.isdir(path):
+                raise SystemExit(f"telme: {path}: is a directory, not a {kind} file")
             if path and not os.path.isfile(path):
                 raise SystemExit(f"telme: {path} not found")
-            try:
-                item[kind] = decode_media(kind, path, None, None, settings[kind]) if path else None
-            except MediaError as error:
-                item[kind] = None
-                missing[kind] = f"{path}: {error}"
+            item[kind] = None
             if not path:
                 missing[kind] = "no file given"
-    teacher, tokenizer = load_teacher(run, cfg, rt)
-    # The history and the new utterance form one dialogue; the prompt is built for its last turn.
-    turns = [*history, (speaker, text)]
-    utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
-    item["input_ids"] = teacher_input_ids(utterances, tokenizer, cfg.max_text_tokens)[-1]
-    image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in trained else None
-    batch = to_device(make_collate(cfg, tokenizer.pad_token_id, image_stats)([item]), rt.device)
-    features, logits = {}, {}
-    with torch.no_grad():
-        for phase, kind, forward in (("teacher", "text", text_forward), ("audio", "audio", audio_forward),
-                                     ("visual", "video", video_forward)):
-            if phase in trained:
-                model = teacher if phase == "teacher" else load_student(run, kind, cfg, rt)
+                continue
+            try:
+                item[kind] = decode_media(kind, path, None, None, self.settings[kind])
+            except MediaError as error:
+                # A clip without a sound track is a clip, not a bad file: its audio goes in as zeros.
+                named = kind == "video" or audio is not None
+                if named and not self.missing_as_zeros:
+                    raise SystemExit(f"telme: {path}: {error} (--missing-as-zeros: zeros in its place)") from None
+                missing[kind] = f"{path}: {error}"
+        return item, missing
+
+    def predict(self, text: str, history=(), speaker: str = NEW_SPEAKER, video: str | None = None,
+                audio: str | None = None) -> dict:
+        """Every trained phase's class probabilities for one utterance, through the same prompt,
+        decoding and collation as training and eval. `history`: (speaker, utterance) pairs of the
+        dialogue so far. A modality without a file goes in as zeros."""
+        if not text.strip():
+            raise SystemExit("telme: the utterance's text is empty; predict needs what is said")
+        cfg, rt = self.cfg, self.rt
+        item, missing = {"index": 0, "label": 0}, {}
+        if self.trained != ["teacher"]:
+            media, missing = self.media(video, audio)
+            item.update(media)
+        # The history and the new utterance form one dialogue; the prompt is built for its last turn.
+        turns = [*history, (speaker, text)]
+        utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
+        item["input_ids"] = teacher_input_ids(utterances, self.tokenizer, cfg.max_text_tokens)[-1]
+        batch = to_device(make_collate(cfg, self.tokenizer.pad_token_id, self.image_stats)([item]), rt.device)
+        features, logits = {}, {}
+        with torch.no_grad():
+            for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
+                if phase in self.models:
+                    with rt.autocast():
+                        f, z = forward(self.models[phase], batch)
+                    features[phase], logits[phase] = f.float(), z.float()
+            if self.fusion is not None:  # the students' features as eval feeds them: float32
+                inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
                 with rt.autocast():
-                    f, z = forward(model, batch)
-                features[phase], logits[phase] = f.float(), z.float()
-        if "fusion" in trained:  # the students' features as eval feeds them: float32
-            inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
-            with rt.autocast():
-                logits["fusion"] = fusion_forward(load_fusion(run, cfg, rt), inputs)[1].float()
-    phases = {}
-    for phase, z in logits.items():
-        p = F.softmax(z[0], dim=-1).cpu()
-        phases[phase] = {"prediction": classes[int(p.argmax())],
-                         "probabilities": {c: float(p[i]) for i, c in enumerate(classes)}}
-    final = trained[-1]  # the fusion once the run is complete
-    return {"model": final, **phases[final], "missing": missing, "phases": phases}
+                    logits["fusion"] = fusion_forward(self.fusion, inputs)[1].float()
+        phases = {}
+        for phase, z in logits.items():
+            p = F.softmax(z[0], dim=-1).cpu()
+            phases[phase] = {"prediction": self.classes[int(p.argmax())],
+                             "probabilities": {c: float(p[i]) for i, c in enumerate(self.classes)}}
+        final = self.trained[-1]  # the fusion once the run is complete
+        return {"model": final, **phases[final], "missing": missing, "phases": phases}
+
+
+def predict_csv(run: Path, path: Path, clips: Path, out: Path, device: str = "auto", cache_dir: str = "",
+                missing_as_zeros: bool = False) -> None:
+    """Every utterance of a CSV in MELD's layout (Emotion optional; clips dia<D>_utt<U>.mp4 in
+    `clips`), each with its dialogue's earlier rows as history, into predictions.csv's format at
+    `out`. Models and decoding are eval's: each model loaded once, clips through the media cache;
+    an undecodable clip stops the run, or, with `missing_as_zeros`, goes in as zeros."""
+    saved = read_run_config(run)
+    cfg = dataclasses.replace(saved, device=device, quiet=True, strict=not missing_as_zeros,
+                              cache_dir=cache_dir or saved.cache_dir)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        labelled = "Emotion" in next(csv.reader(f), [])
+    try:
+        utterances = read_meld_csv(path, clips, labelled)
+    except DataError as error:
+        raise SystemExit(f"telme: {error}") from None
+    outputs = eval_outputs(run, cfg, make_runtime(cfg), {"predict": utterances})
+    write_predictions(out, {"predict": utterances}, outputs, EMOTIONS[cfg.dataset], labelled)
+    log(f"telme: {len(utterances)} utterances predicted into {out}")
 
 
 def print_prediction(result: dict, all_phases: bool) -> None:
@@ -2395,6 +2479,11 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 
 
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
+# What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
+SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
+                     "compile"}
+
+
 def summarize(runs: list[Path], out: Path) -> dict:
     """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
     values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
@@ -2406,6 +2495,18 @@ def summarize(runs: list[Path], out: Path) -> dict:
             if not (run / name).is_file():
                 raise SystemExit(f"telme: {run / name} not found; did that run finish?")
             into.append(json.loads((run / name).read_text()))
+    where = [str(r.resolve()) for r in runs]
+    seeds = [c["config"].get("seed") for c in configs]
+    for i, (run, config) in enumerate(zip(runs, configs)):
+        earlier = [j for j in range(i) if where[j] == where[i] or seeds[j] == seeds[i]]
+        if earlier:
+            raise SystemExit(f"telme: {run} repeats {runs[earlier[0]]} (seed {seeds[i]}); summarize "
+                             "takes each seed's run once")
+        differ = sorted(k for k in set(config["config"]) | set(configs[0]["config"])
+                        if k not in SEED_SUMMARY_FREE and config["config"].get(k) != configs[0]["config"].get(k))
+        if differ:
+            raise SystemExit(f"telme: {run} and {runs[0]} differ in {', '.join(differ)}; summarize "
+                             "averages runs that differ in their seed alone")
     summary = {"runs": [str(r) for r in runs], "seeds": [c["config"]["seed"] for c in configs],
                "devices": [c.get("device") for c in configs],
                # run.sh writes each run's wall-clock seconds (its phases and eval) to wall_clock_s.
@@ -3058,7 +3159,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
             default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                 for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{docs[f.name]} [default: {default}]")
+                            help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3118,14 +3219,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "predictions.csv [default: the run itself; needed for data other than the run's]")
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split whose per-class table is printed")
-    eval_cmd.add_argument("--quiet", action="store_true")
+    eval_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
     for flag, what in (("--data-dir", "the dataset"), ("--cache-dir", "the media cache"),
                        ("--device", "the device to run on")):
         eval_cmd.add_argument(flag, help=f"{what}, where not as in the run's config.json")
     predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
                                       "text and dialogue history")
     predict_cmd.add_argument("--run", required=True, help="a trained run directory")
-    predict_cmd.add_argument("--text", required=True, help="what is said in the utterance")
+    predict_cmd.add_argument("--text", help="what is said in the utterance (this or --csv)")
+    predict_cmd.add_argument("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, "
+                             "Dialogue_ID, Utterance_ID; Emotion optional), each predicted with its "
+                             "dialogue's earlier rows as history, into --out")
+    predict_cmd.add_argument("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 "
+                             "[default: the CSV's folder]")
+    predict_cmd.add_argument("--out", help="with --csv: the predictions file to write (eval's "
+                             "predictions.csv columns)")
+    predict_cmd.add_argument("--cache-dir", help="with --csv: the media cache [default: the run's]")
+    predict_cmd.add_argument("--missing-as-zeros", action="store_true",
+                             help="a named file that cannot be decoded goes in as zeros (as in training) "
+                                  "instead of stopping with an error")
     predict_cmd.add_argument("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
     predict_cmd.add_argument("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
     predict_cmd.add_argument("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
@@ -3137,15 +3249,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
-    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
-    stats_cmd.add_argument("--data-dir", required=True)
+    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld", help="[default: meld]")
+    stats_cmd.add_argument("--data-dir", required=True, help="the dataset as released")
     synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
-    synth_cmd.add_argument("--out", required=True)
-    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
+    synth_cmd.add_argument("--out", required=True, help="folder for the dataset")
+    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
+                           help="whose released layout [default: meld]")
     synth_cmd.add_argument("--dialogues", type=int, default=40,
                            help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
                                 "dialogues (Session 5: a quarter)")
-    synth_cmd.add_argument("--seed", type=int, default=0)
+    synth_cmd.add_argument("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
     summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
     summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
     summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
@@ -3158,9 +3271,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
     demo_cmd.add_argument("--out", default="runs/demo", help="the run directory; the demo's data, "
                           "models and media cache go in OUT/inputs [default: runs/demo]")
-    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
-    demo_cmd.add_argument("--seed", type=int, default=42)
-    demo_cmd.add_argument("--quiet", action="store_true")
+    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
+                          help="the layout of the synthetic data [default: meld]")
+    demo_cmd.add_argument("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
+    demo_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
     bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
     bench_cmd.add_argument("--out", default="",
                            help="folder for the clips and caches [default: a temporary one]")
@@ -3233,9 +3347,20 @@ def main(argv=None) -> None:
         except KeyboardInterrupt:
             print(interrupted(Path(cfg.out), args.phase), file=sys.stderr)
             sys.exit(130)
+    elif args.command == "predict" and args.csv:
+        if args.text is not None or not args.out:
+            raise SystemExit("telme: predict --csv takes --out (the predictions file) and no --text")
+        csv_path = Path(args.csv)
+        if not csv_path.is_file():
+            raise SystemExit(f"telme: {csv_path} not found")
+        predict_csv(Path(args.run), csv_path, Path(args.clips) if args.clips else csv_path.parent,
+                    Path(args.out), args.device, args.cache_dir or "", args.missing_as_zeros)
     elif args.command == "predict":
-        result = predict(Path(args.run), args.text, args.video, args.audio,
-                         read_history(Path(args.history)) if args.history else [], args.speaker, args.device)
+        if args.text is None:
+            raise SystemExit("telme: predict needs --text (one utterance) or --csv (many)")
+        history = read_history(Path(args.history)) if args.history else []
+        result = Predictor(args.run, args.device, args.missing_as_zeros).predict(
+            args.text, history, args.speaker, args.video, args.audio)
         if not args.all_phases:
             result["phases"] = {result["model"]: result["phases"][result["model"]]}
         if args.json:

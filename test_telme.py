@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import os
 import shutil
 import wave
 from pathlib import Path
@@ -851,6 +852,45 @@ def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, 
         run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
 
 
+def test_predict_stops_on_what_it_cannot_read_unless_zeros_are_asked_for(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    clip = Path(telme.load_splits(telme.read_run_config(out))["test"][0].video)
+    bad = {"truncated": clip.read_bytes()[:len(clip.read_bytes()) // 3], "empty": b"", "text": b"not a video\n"}
+    for name, data in bad.items():
+        (tmp_path / f"{name}.mp4").write_bytes(data)
+    (tmp_path / "folder.mp4").mkdir()
+    for name, problem in (("truncated", "cannot decode"), ("empty", "empty file (0 bytes)"),
+                          ("text", "cannot decode"), ("folder", "is a directory")):
+        line = one_line_exit(capsys, ["predict", "--run", str(out), "--text", "Hi", "--video", str(tmp_path / f"{name}.mp4")])
+        assert line.startswith(f"telme: {tmp_path / name}.mp4: ") and problem in line, line
+    assert "is empty" in one_line_exit(capsys, ["predict", "--run", str(out), "--text", " ", "--video", str(clip)])
+    zeros = json.loads(run_predict(capsys, "--run", out, "--text", "Hi", "--video", tmp_path / "text.mp4",
+                                   "--missing-as-zeros", "--json"))
+    assert set(zeros["missing"]) == {"audio", "video"} and zeros["prediction"] in telme.EMOTIONS["meld"]
+    # The Python entry point: a run loaded once, many utterances.
+    model = telme.Predictor(out)
+    assert model.predict("Hi", video=str(clip))["probabilities"] == json.loads(run_predict(
+        capsys, "--run", out, "--text", "Hi", "--video", clip, "--json"))["probabilities"]
+
+
+def test_predict_csv_gives_eval_predictions_with_or_without_labels(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    data = Path(telme.read_run_config(out).data_dir)
+    test_csv, clips = (data / name for name in telme.MELD_SPLITS["test"])
+    rows = list(csv.DictReader(test_csv.open()))
+    write_rows(tmp_path / "mine.csv", [c for c in rows[0] if c != "Emotion"],
+               [[r[c] for c in rows[0] if c != "Emotion"] for r in rows])
+    telme.main(["predict", "--run", str(out), "--csv", str(test_csv), "--clips", str(clips),
+                "--out", str(tmp_path / "labelled.csv")])
+    telme.main(["predict", "--run", str(out), "--csv", str(tmp_path / "mine.csv"), "--clips", str(clips),
+                "--out", str(tmp_path / "unlabelled.csv")])
+    evaluated = [r for r in csv.DictReader((out / "predictions.csv").open()) if r["split"] == "test"]
+    for name in ("labelled", "unlabelled"):
+        got = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
+        assert [r["fusion_prediction"] for r in got] == [r["fusion_prediction"] for r in evaluated]
+        assert [r["label"] for r in got] == ([r["label"] for r in evaluated] if name == "labelled" else [""] * len(got))
+
+
 def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path, monkeypatch):
     out, _ = demo_run
     run = tmp_path / "run"
@@ -1164,6 +1204,100 @@ def test_a_phase_before_its_earlier_phases_stops_before_reading_anything(tmp_pat
     with pytest.raises(SystemExit, match="has no audio, visual weights"):
         telme.train(cfg, "fusion")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["teacher.safetensors"]  # nothing written
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--lr", "-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--lr=-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--dropout", "1"], "--dropout must be below 1, not 1.0"),
+    (["--text-model", "/no/such/dir"], "--text-model /no/such/dir: no such directory"),
+    (["--audio-model", "./models/audio"], "--audio-model ./models/audio: no such directory"),
+    (["--video-model", "models/no/video"], "--video-model models/no/video: no such directory"),
+    (["--text-model", "nobody-telme/no-such-model"], "not in the Hugging Face cache"),
+    (["--device", "tpu9"], "--device tpu9: expected auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])
+def test_each_bad_setting_is_one_line_within_seconds_and_writes_nothing(tiny_setup, capsys, monkeypatch,
+                                                                        extra, problem):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1
+    cfg = tiny_setup("bad")
+    line = one_line_exit(capsys, ["train", *cli_flags(cfg), *extra])
+    assert line.startswith("telme: ") and problem in line, line
+    assert not Path(cfg.out).exists()
+
+
+def test_a_bad_flag_exits_1_with_one_line_on_stderr():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, telme.__file__, "train", "--data-dir", ".", "--lr", "-1e-3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "telme: --lr must be above 0, not -0.001\n"
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_setup, monkeypatch, capsys):
+    cfg = tiny_setup("ctrl-c")
+    run = Path(cfg.out)
+    interrupt_after(monkeypatch, "audio", 1)
+    with pytest.raises(SystemExit) as stop:
+        telme.main(["train", *cli_flags(cfg)])
+    assert stop.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    resume = f"python telme.py train --resume {run} --phase all"
+    assert line == f"telme: interrupted; {run} holds teacher complete, audio up to epoch 1; continue with: {resume}"
+    monkeypatch.undo()
+    telme.main(resume.split()[2:] + ["--quiet"])
+    assert telme.trained_phases(run) == list(telme.PHASES)
+    # Files as readable as the umask allows (the atomic writer's temporary file is 0600).
+    mask = telme.current_umask()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+    old = os.umask(0o027)
+    try:
+        telme.atomic_write(run / "group.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (run / "group.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_threads_reach_torch_and_run_sh_passes_them(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    data = telme.synth(tmp_path / "data", "meld", dialogues=1)
+    try:
+        for n in (1, 2):
+            telme.main(["stats", "--data-dir", str(data), "--threads", str(n)])
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert telme.default_threads("train") == 3 and telme.default_threads("demo") == telme.DEMO_THREADS
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert telme.default_threads("eval") == len(os.sched_getaffinity(0))
+    run_sh, log = stand_in_run_sh(tmp_path)
+    run_sh("meld", "--threads", "1")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 5 and all(c.endswith("--threads 1") for c in calls)  # prepare, 3 phases, eval
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(telme, "PROGRESS_SECONDS", 0)
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=False)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("teacher 1/10: batch 3/3, ")
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=True)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_help_is_complete(capsys):
+    parser = telme.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "[default: ]" not in text and "SPEC" not in text, name
+        assert "--threads" in text, name
+        assert all(action.help for action in command._actions), (name, [a.dest for a in command._actions if not a.help])
 
 
 def test_resume_keeps_the_run_configuration(tmp_path):
@@ -1583,6 +1717,21 @@ def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
     assert "3.3 min per run" in table
     with pytest.raises(SystemExit, match="metrics.json not found"):
         telme.summarize([tmp_path / "seed45"], tmp_path)
+
+
+def test_summarize_refuses_other_configurations_and_repeated_runs(tmp_path):
+    runs = [fake_run(tmp_path / f"seed{seed}", seed, {"fusion": (60, 61)}) for seed in (42, 43)]
+    with pytest.raises(SystemExit, match="seed42 repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], runs[0]], tmp_path)
+    copy = shutil.copytree(runs[0], tmp_path / "copy")
+    with pytest.raises(SystemExit, match="copy repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], copy], tmp_path)
+    config = json.loads((runs[1] / "config.json").read_text())
+    config["config"].update(lr=[1e-5] * 3, out="elsewhere", device="cuda:1")
+    (runs[1] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="differ in lr; summarize averages runs that differ in their seed alone"):
+        telme.summarize(runs, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_summarize_a_real_run(demo_run, tmp_path):
