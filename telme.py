@@ -9,15 +9,19 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
     python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
     python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld
-    python telme.py eval    --run runs/meld                       # metrics.json, report.md
+    python telme.py eval    --run runs/meld                       # metrics.json, report.md, predictions.csv
+    python telme.py eval    --run runs/meld --data-dir MINE --out runs/meld-mine    # other labelled data
     python telme.py train   --resume runs/meld                    # continue after an interruption
+    python telme.py train   --overwrite --phase students ...      # train phases a run holds anew
     python telme.py predict --run runs/meld --video clip.mp4 --text "Oh my God!" --history dialogue.txt
+    python telme.py predict --run runs/meld --csv my.csv --clips my_clips --out predictions.csv
     torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
     python telme.py bench                                   # decoding, cache and training-speed table
     python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
     python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
+Every command takes --threads N (torch's CPU threads; 1 on a CPU shared with other jobs).
 
 Map of the file (paper order):
     Config and presets ............ every flag, with where its value comes from

@@ -458,6 +458,9 @@ def write_fault(path: Path, fault: str):
     """A clip of 1.5 s (12 frames at 8 fps, stereo 48 kHz) damaged as `fault` says."""
     if fault == "missing file":
         return
+    if fault == "a directory":
+        path.mkdir(parents=True)
+        return
     if fault == "zero-byte file":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
@@ -474,6 +477,7 @@ def write_fault(path: Path, fault: str):
     ("truncated mp4", "cannot decode", "cannot decode"),
     ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
     ("missing file", "file not found", "file not found"),
+    ("a directory", "is a directory", "is a directory"),
     ("no audio stream", "no audio stream", None),
     ("silent audio", "audio is silent", None),
 ])
@@ -1298,6 +1302,16 @@ def test_help_is_complete(capsys):
         assert "[default: ]" not in text and "SPEC" not in text, name
         assert "--threads" in text, name
         assert all(action.help for action in command._actions), (name, [a.dest for a in command._actions if not a.help])
+
+
+def test_the_demo_replaces_only_a_demo_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher.safetensors").write_bytes(b"weights")
+    (run / "config.json").write_text(json.dumps({"config": {"data_dir": "/data/MELD.Raw"}}))
+    with pytest.raises(SystemExit, match="holds a run that is not a demo's; choose another --out"):
+        telme.demo(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "teacher.safetensors"]
 
 
 def test_resume_keeps_the_run_configuration(tmp_path):
