@@ -1118,6 +1118,9 @@ def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
     return encoder
 
 
+HUB_PROBE_SECONDS = 3  # how long check_model waits for the hub to answer before going offline
+
+
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub answers a connection within seconds. Unreachable, loading
     switches to offline mode: a cached model then loads without minutes of connection retries."""
@@ -1132,9 +1135,6 @@ def hub_reachable() -> bool:
     except OSError:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
         return False
-
-
-HUB_PROBE_SECONDS = 3
 
 
 def check_model(flag: str, name: str) -> None:
@@ -1153,7 +1153,8 @@ def check_model(flag: str, name: str) -> None:
         raise SystemExit(f"telme: {flag} {name}: no such directory") from None
     if name.startswith((".", "/", "~")):
         raise SystemExit(f"telme: {flag} {name}: no such directory")
-    if isinstance(cached, str) or hub_reachable():
+    reachable = hub_reachable()  # unreachable: offline mode, so a cached model loads without retries
+    if isinstance(cached, str) or reachable:
         return
     raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
                      f"({huggingface_hub.constants.HF_HUB_CACHE}) while the hub is unreachable or "
@@ -1363,14 +1364,16 @@ PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress 
 def progress(iterable, description: str, quiet: bool, **kwargs):
     """A tqdm bar on a terminal; otherwise a line about every PROGRESS_SECONDS (a teacher epoch on a
     CPU takes many minutes); nothing under --quiet."""
+    bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
     if sys.stderr.isatty() or quiet or not is_main_process():
-        return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-                    disable=quiet or not is_main_process(), **kwargs)
-    return progress_lines(iterable, description, kwargs.get("total"), kwargs.get("unit", "batch"))
+        return bar
+    # Through the (disabled) bar all the same: iterated bare instead of through tqdm, a DataLoader
+    # gave the demo's teacher other figures, and figures must not depend on where output goes.
+    return progress_lines(bar, description, bar.total, kwargs.get("unit", "batch"))
 
 
 def progress_lines(iterable, description: str, total: int | None, unit: str):
-    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     started = last = time.time()
     for done, item in enumerate(iterable, start=1):
         yield item
