@@ -2014,6 +2014,9 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     for p in todo:
         if p in PHASE_MODELS:
             check_model("--" + PHASE_MODELS[p].replace("_", "-"), getattr(cfg, PHASE_MODELS[p]))
+    # Media decoded once, before any phase trains, for the phases still to run that read it (the
+    # teacher reads none); under --strict a media fault stops the run here, before RUN changes.
+    media = prepare_media(cfg, splits) if set(todo) - {"teacher"} else None
     # Every input checked: from here on the run directory changes.
     if is_main_process():
         run.mkdir(parents=True, exist_ok=True)
@@ -2028,10 +2031,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     barrier()  # every rank sees the same checkpoints when deciding what to skip
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
-    # Media decoded once, before any phase trains, for the phases still to run that read it (the
-    # teacher reads none); under --strict a media fault stops the run here.
     todo = set(todo)
-    media = prepare_media(cfg, splits) if todo - {"teacher"} else None
     if "teacher" in todo:
         seed_everything(cfg.seed)
         train_teacher(cfg, rt, run, splits)

@@ -611,15 +611,16 @@ def test_media_faults_are_logged_counted_and_become_zeros(tmp_path, faulty_meld,
     assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
 
 
-def test_strict_stops_before_training(tmp_path, faulty_meld, capsys):
-    args = ["train", "--dataset", "meld", "--data-dir", str(faulty_meld), "--out", str(tmp_path / "run"),
-            "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--quiet", "--strict"]
+def test_strict_stops_before_training(tmp_path, faulty_meld, tiny_models, capsys):
+    args = ["--dataset", "meld", "--data-dir", str(faulty_meld), "--cache-dir", str(tmp_path / "cache"),
+            "--workers", "1", "--quiet", "--strict"]
+    models = ["--audio-model", tiny_models["audio"], "--video-model", tiny_models["video"]]
     with pytest.raises(SystemExit) as stop:
-        telme.main(args)
+        telme.main(["train", *args, *models, "--text-model", tiny_models["text"], "--out", str(tmp_path / "run")])
     assert "14 media faults" in str(stop.value) and "--strict" in str(stop.value)
-    assert not list((tmp_path / "run").glob("*.safetensors"))
+    assert not (tmp_path / "run").exists()  # nothing written: the media are checked first
     with pytest.raises(SystemExit):
-        telme.main(["prepare"] + args[1:-6] + args[-5:])
+        telme.main(["prepare", *args])
 
 
 def test_training_with_faulty_media_scores_every_utterance(tmp_path, faulty_meld, tiny_models):
