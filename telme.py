@@ -2010,6 +2010,8 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
                          "(and removes the phases trained on it)")
     rt = make_runtime(cfg)
     splits = load_splits(cfg)
+    log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
+        + f" utterances; device {rt.device}; run {run}")
     todo = [p for p in PHASE_GROUPS[phase] if not (resume and phase_complete(run, p))]
     for p in todo:
         if p in PHASE_MODELS:
@@ -2029,8 +2031,6 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
         skipped = [p for p in PHASE_GROUPS[phase] if p not in todo]
         log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
     barrier()  # every rank sees the same checkpoints when deciding what to skip
-    log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
-        + f" utterances; device {rt.device}; run {run}")
     todo = set(todo)
     if "teacher" in todo:
         seed_everything(cfg.seed)
