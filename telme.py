@@ -174,7 +174,7 @@ class Config:
     loader_workers: int = -1
     """DataLoader workers while training; -1 means 4 on CUDA, 0 on a CPU"""
     quiet: bool = False
-    """no progress bars (they are also off when stderr is not a terminal)"""
+    """no progress bars, nor the line a minute that replaces them when stderr is not a terminal"""
     strict: bool = False
     """any missing or undecodable clip exits non-zero before training (default: that modality replaced by zeros)"""
 
