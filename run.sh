@@ -9,6 +9,8 @@
 #   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
 #   runs/DATASET/summary.json and a table of mean ± std per phase
 #   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
+#   add --threads N to demo/meld/iemocap/bench: torch's CPU threads (default: the cores this process
+#   may use; the demo's: 1); on a CPU shared with other jobs, 1 avoids threads spinning for a core
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
 # Every hyperparameter lives in telme.py's PRESETS; extra arguments are passed to `telme.py train`.
@@ -61,7 +63,7 @@ recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (-
     runs+=("$out/seed$seed")
   done
   wait_gpus
-  $PY telme.py summarize --out "$out" "${runs[@]}"
+  $PY telme.py summarize --out "$out" "${runs[@]}" ${THREADS[@]+"${THREADS[@]}"}
 }
 
 phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval, wall-clock
@@ -79,7 +81,7 @@ phases() {  # phases DATASET DATA_DIR OUT [train flags]: the three phases, eval,
   "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase students "$@"
   # Phase 3, shifting fusion on the frozen encoders' features.
   "${train[@]}" --dataset "$dataset" --data-dir "$data" --out "$out" --phase fusion "$@"
-  $PY telme.py eval --run "$out"
+  $PY telme.py eval --run "$out" ${THREADS[@]+"${THREADS[@]}"}
   # The wall-clock of a run done in one go (a resumed run's time is split over several).
   if [[ -z "$resumed" ]]; then
     echo "$((SECONDS - started))" > "$out/wall_clock_s.tmp" && mv "$out/wall_clock_s.tmp" "$out/wall_clock_s"
@@ -103,10 +105,13 @@ demo() {  # demo [meld|iemocap] [demo flags]: one demo, or one per seed (--seeds
 # --seeds N (demo, meld, iemocap): N runs with seeds FIRST_SEED.. (the official seed is 42).
 # --gpus G: with --seeds, the per-seed runs go G at a time, the k-th of a round on GPU k
 # (CUDA_VISIBLE_DEVICES), each logging to a file; the summary waits for all of them.
-SEEDS="" FIRST_SEED=42 GPUS="" GPU_PIDS=() ARGS=()
+SEEDS="" FIRST_SEED=42 GPUS="" GPU_PIDS=() ARGS=() THREADS=()
 take_counts() {  # take_counts ARGS...: SEEDS and GPUS from --seeds N and --gpus G, ARGS the rest
   while (($#)); do
     case "$1" in
+      --threads)  # torch's CPU threads: for train and prepare (in ARGS), and for eval and summarize
+        THREADS=("$1" "${2:-}") ARGS+=("$1" "${2:-}")
+        shift 2 || shift ;;
       --seeds | --gpus)
         [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: $1 needs a positive count" >&2; exit 2; }
         if [[ "$1" == --seeds ]]; then SEEDS=$2; else GPUS=$2; fi
@@ -175,7 +180,7 @@ dialog/transcriptions/, dialog/EmoEvaluation/, dialog/avi/DivX/ and sentences/wa
     recipe iemocap "$IEMOCAP_DIR" ${ARGS[@]+"${ARGS[@]}"}
     ;;
   *)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$command" == help || "$command" == -h || "$command" == --help ]] || exit 2
     ;;
 esac

@@ -9,15 +9,19 @@ Commands (see README.md; `python telme.py CMD --help` lists every flag):
     python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
     python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
     python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld
-    python telme.py eval    --run runs/meld                       # metrics.json, report.md
+    python telme.py eval    --run runs/meld                       # metrics.json, report.md, predictions.csv
+    python telme.py eval    --run runs/meld --data-dir MINE --out runs/meld-mine    # other labelled data
     python telme.py train   --resume runs/meld                    # continue after an interruption
+    python telme.py train   --overwrite --phase students ...      # train phases a run holds anew
     python telme.py predict --run runs/meld --video clip.mp4 --text "Oh my God!" --history dialogue.txt
+    python telme.py predict --run runs/meld --csv my.csv --clips my_clips --out predictions.csv
     torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
     python telme.py stats   --dataset meld --data-dir MELD.Raw
     python telme.py synth   --out data/synth --dialogues 40
     python telme.py bench                                   # decoding, cache and training-speed table
     python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
     python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
+Every command takes --threads N (torch's CPU threads; 1 on a CPU shared with other jobs).
 
 Map of the file (paper order), and where each piece of the paper lives:
     Config and presets ............ Config: every flag, with where its value comes from; PRESETS
@@ -56,6 +60,7 @@ import pickle
 import platform
 import random
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -91,9 +96,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 @dataclass
 class Config:
     dataset: str = "meld"
-    """meld or iemocap; selects the class set and the preset below"""
+    """meld or iemocap; selects the class set and the dataset's preset of the official values"""
     data_dir: str = ""
-    """the dataset as released (MELD.Raw or IEMOCAP_full_release)"""
+    """the dataset as released (MELD.Raw or IEMOCAP_full_release); prepare and train need it"""
     cache_dir: str = ""
     """decoded-media cache; default: $TELME_CACHE or ~/.cache/telme"""
     out: str = ""
@@ -189,7 +194,7 @@ class Config:
     loader_workers: int = -1
     """DataLoader workers while training; -1 means 4 on CUDA, 0 on a CPU"""
     quiet: bool = False
-    """no progress bars (they are also off when stderr is not a terminal)"""
+    """no progress bars, nor the line a minute that replaces them when stderr is not a terminal"""
     strict: bool = False
     """any missing or undecodable clip exits non-zero before training (default: that modality replaced by zeros)"""
 
@@ -214,6 +219,17 @@ OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling"
 MELD_ONLY_SWITCHES = ("D8", "D10")  # the official IEMOCAP code has no long-clip rule, its text no C1 characters
 # Switches that change how D3's official audio pooling runs, and act only together with it.
 NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
+
+
+# The smallest value of each numeric flag and whether that value itself is allowed; make_config
+# checks them, so that a bad flag stops before anything is read or written.
+LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
+                "max_text_tokens": (2, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
+                "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
+                "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
+                "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
+                "warmup_epochs": (0, True), "grad_clip": (0, False), "workers": (0, True),
+                "loader_workers": (-1, True)}
 
 
 def make_config(dataset: str = "meld", **overrides) -> Config:
@@ -247,6 +263,14 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         if getattr(cfg, name) and not cfg.official_audio_pooling:
             raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
                              "it needs --official-audio-pooling (D3)")
+    for name, (low, inclusive) in LOWER_BOUNDS.items():
+        values = getattr(cfg, name)
+        for value in values if isinstance(values, tuple) else (values,):
+            if not (value >= low if inclusive else value > low):  # also catches nan
+                raise SystemExit(f"telme: --{name.replace('_', '-')} must be "
+                                 f"{'at least' if inclusive else 'above'} {low}, not {value}")
+    if not cfg.dropout < 1:
+        raise SystemExit(f"telme: --dropout must be below 1, not {cfg.dropout}")
     attended = cfg.feature_dim * (2 if cfg.asf_attention == "batch" else 1)  # see ShiftingFusion
     if attended % cfg.heads:
         raise SystemExit(f"telme: --heads {cfg.heads} does not divide the fusion's attention width "
@@ -373,13 +397,20 @@ def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int
 def read_meld_split(data_dir: Path, split: str, raw_text: bool = False) -> list[Utterance]:
     """One split's utterances; raw_text keeps the C1 characters in the text (D10)."""
     csv_name, clip_dir = MELD_SPLITS[split]
-    path = data_dir / csv_name
+    return read_meld_csv(data_dir / csv_name, data_dir / clip_dir, raw_text=raw_text)
+
+
+def read_meld_csv(path: Path, clip_dir: Path, labelled: bool = True, raw_text: bool = False) -> list[Utterance]:
+    """The utterances of a CSV in MELD's layout, their clips dia<D>_utt<U>.mp4 in `clip_dir`;
+    unlabelled (no Emotion column needed, label 0 in its place) for predict --csv; raw_text as
+    read_meld_split."""
     classes = EMOTIONS["meld"]
     utterances = []
-    for row_number, row in csv_rows(path, MELD_REQUIRED, "Dialogue_ID"):
-        label = row_label(path, row_number, row, classes)
+    required = MELD_REQUIRED if labelled else [c for c in MELD_REQUIRED if c != "Emotion"]
+    for row_number, row in csv_rows(path, required, "Dialogue_ID"):
+        label = row_label(path, row_number, row, classes) if labelled else 0
         dialogue = row["Dialogue_ID"].strip()
-        clip = str(data_dir / clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
+        clip = str(clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
             # D10: the official code tokenizes the C1 characters as they are.
@@ -497,20 +528,24 @@ def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
     return utterances
 
 
-def load_splits(cfg: Config) -> dict[str, list[Utterance]]:
-    """train, dev and (when present) test utterances, in dialogue order."""
+def load_splits(cfg: Config, required=("train", "dev")) -> dict[str, list[Utterance]]:
+    """train, dev and (when present) test utterances, in dialogue order; MELD's `required` splits
+    must be there (eval needs none: it scores the splits it finds)."""
     data_dir = Path(cfg.data_dir)
     try:
         if cfg.dataset == "iemocap":
             return load_iemocap(data_dir)
-        for split in ("train", "dev"):
+        if not required and not any((data_dir / MELD_SPLITS[s][0]).is_file() for s in ("dev", "test")):
+            raise SystemExit(f"telme: {data_dir} holds neither {MELD_SPLITS['dev'][0]} nor "
+                             f"{MELD_SPLITS['test'][0]}: nothing to evaluate")
+        for split in required:
             if not (data_dir / MELD_SPLITS[split][0]).is_file():
                 raise SystemExit(
                     f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
                     "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
                     "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
                     "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
-        if not (data_dir / MELD_SPLITS["test"][0]).is_file():
+        if required and not (data_dir / MELD_SPLITS["test"][0]).is_file():
             warn(f"telme: {data_dir / MELD_SPLITS['test'][0]} not found: no test split (test_wf1 null)")
         return {split: read_meld_split(data_dir, split, cfg.official_text) for split in MELD_SPLITS
                 if (data_dir / MELD_SPLITS[split][0]).is_file()}
@@ -650,6 +685,8 @@ DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivis
 
 def open_media(path: str):
     """The opened container; a MediaError for a missing or empty file."""
+    if os.path.isdir(path):
+        raise MediaError("is a directory")
     if not os.path.isfile(path):
         raise MediaError("file not found")
     if os.path.getsize(path) == 0:
@@ -1048,6 +1085,12 @@ def media_seconds(path: str, start: float | None, end: float | None) -> float:
         raise MediaError(f"cannot decode: {error}") from None
 
 
+def current_umask() -> int:
+    mask = os.umask(0o22)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1055,6 +1098,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600, as open() would have made it
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -1235,6 +1279,50 @@ def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
     return encoder
 
 
+HUB_PROBE_SECONDS = 3  # how long check_model waits for the hub to answer before going offline
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a connection within seconds. Unreachable, loading
+    switches to offline mode: a cached model then loads without minutes of connection retries."""
+    import huggingface_hub
+    from urllib.parse import urlparse
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return False
+
+
+def check_model(flag: str, name: str) -> None:
+    """Stop with one line, before anything is written, when an encoder cannot be loaded: a local
+    path that does not exist, or a hub name that is not in the local cache while the hub cannot
+    be reached (HF_HUB_OFFLINE=1, or no network)."""
+    import huggingface_hub
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise SystemExit(f"telme: {flag} {name}: a file; expected a model directory or a hub name")
+    try:  # a hub name is "name" or "owner/name"; anything else can only be a local path
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repository name
+        raise SystemExit(f"telme: {flag} {name}: no such directory") from None
+    if name.startswith((".", "/", "~")):
+        raise SystemExit(f"telme: {flag} {name}: no such directory")
+    reachable = hub_reachable()  # unreachable: offline mode, so a cached model loads without retries
+    if isinstance(cached, str) or reachable:
+        return
+    raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
+                     f"({huggingface_hub.constants.HF_HUB_CACHE}) while the hub is unreachable or "
+                     f"HF_HUB_OFFLINE is set; download it ahead with `hf download {name}` (README: "
+                     "offline), or pass a local model directory")
+
+
 def image_statistics(name: str) -> tuple[list[float], list[float]]:
     """Mean and std from the video model's own image processor (D7)."""
     processor = transformers.AutoImageProcessor.from_pretrained(name)
@@ -1395,7 +1483,14 @@ def make_runtime(cfg: Config) -> Runtime:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun, one process per GPU
     if launched and name == "cuda":
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"telme: --device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"telme: --device {cfg.device}: torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"telme: --device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s)")
     if launched and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's collectives run on the current device
@@ -1450,9 +1545,29 @@ def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress line this often
+
+
 def progress(iterable, description: str, quiet: bool, **kwargs):
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
+    """A tqdm bar on a terminal; otherwise a line about every PROGRESS_SECONDS (a teacher epoch on a
+    CPU takes many minutes); nothing under --quiet."""
+    bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
+    if sys.stderr.isatty() or quiet or not is_main_process():
+        return bar
+    # Through the (disabled) bar all the same: iterated bare instead of through tqdm, a DataLoader
+    # gave the demo's teacher other figures, and figures must not depend on where output goes.
+    return progress_lines(bar, description, bar.total, kwargs.get("unit", "batch"))
+
+
+def progress_lines(iterable, description: str, total: int | None, unit: str):
+    started = last = time.time()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        if time.time() - last >= PROGRESS_SECONDS:
+            last = time.time()
+            print(f"{description}: {unit} {done}{f'/{total}' if total else ''}, {last - started:.0f} s",
+                  file=sys.stderr, flush=True)
 
 
 def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
@@ -1548,22 +1663,44 @@ def phase_complete(run: Path, phase: str) -> bool:
     return complete_marker(run, phase).is_file()
 
 
-def forget_phases(run: Path, phases) -> None:
-    """Delete what an earlier run left of these phases (checkpoints, markers, weights, metrics.json
-    entries): a fresh run of a phase replaces it, and the phases after it were trained on the
-    weights it replaces."""
-    stale = [p for p in phases if weights_path(run, p).is_file()]
-    if stale:
-        log(f"telme: {run}: a fresh run from the {phases[0]} phase removes the earlier "
-            f"{', '.join(stale)} weights")
+def forget_phases(run: Path, phases, entries=()) -> None:
+    """Delete what an earlier run left of these phases (checkpoints, markers, weights) and their
+    metrics.json entries, with those of the phases in `entries`."""
     for phase in phases:
         checkpoint_path(run, phase).unlink(missing_ok=True)
         complete_marker(run, phase).unlink(missing_ok=True)
         weights_path(run, phase).unlink(missing_ok=True)
     metrics = run / "metrics.json"
-    if metrics.is_file():
-        kept = {p: m for p, m in json.loads(metrics.read_text()).items() if p not in phases}
+    stale = set(phases) | set(entries)
+    if metrics.is_file() and stale & set(everything := json.loads(metrics.read_text())):
+        kept = {p: m for p, m in everything.items() if p not in stale}
         atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
+
+
+# The phases trained on each phase's weights (the students distil the teacher, the fusion reads all three).
+DEPENDENT_PHASES = {"teacher": ("audio", "visual", "fusion"), "audio": ("fusion",), "visual": ("fusion",),
+                    "fusion": ()}
+
+
+def replace_weights(run: Path, phase: str, model: nn.Module, **metadata) -> None:
+    """Write a phase's new best weights over its old ones; only then go the weights of the phases
+    trained on the old ones, and the old metrics.json entry, so that a run that fails before its
+    first epoch ends leaves the earlier run's weights as they were."""
+    stale = [p for p in DEPENDENT_PHASES[phase] if weights_path(run, p).is_file()]
+    save_weights(model, weights_path(run, phase), **metadata)
+    if stale:
+        log(f"telme: {run}: new {phase} weights; removed the {', '.join(stale)} weights trained on the old ones")
+    forget_phases(run, DEPENDENT_PHASES[phase], entries=(phase,))
+
+
+def saved_epoch(run: Path, phase: str) -> int | None:
+    """The last epoch a phase's checkpoint holds (memory-mapped: its tensors are not read); None
+    without a readable one."""
+    path = checkpoint_path(run, phase)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
+        return None
 
 
 def rng_states(generator: torch.Generator | None) -> dict:
@@ -1748,11 +1885,12 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                                         loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
         weights = weights_path(run, phase)
+        written = {"best_epoch": str(done), "dev_wf1": str(best["dev_wf1"])}
         if (is_main_process() and best["best_epoch"] == done and not (
-                weights.is_file() and safetensors_metadata(weights).get("best_epoch") == str(done))):
-            # Stopped between this best epoch's checkpoint and its weights: the model just restored
-            # is that epoch's.
-            save_weights(model, weights, best_epoch=done, dev_wf1=best["dev_wf1"])
+                weights.is_file() and written.items() <= safetensors_metadata(weights).items())):
+            # Stopped between this best epoch's checkpoint and its weights (the weights there, if
+            # any, are an earlier run's): the model just restored is that epoch's.
+            replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
     trained = data_parallel(model, rt)
     if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
         trained = torch.compile(trained)
@@ -1790,7 +1928,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
                         loaders["train"].generator)
         if improved:
-            save_weights(model, weights_path(run, phase), best_epoch=epoch, dev_wf1=dev_wf1)
+            replace_weights(run, phase, model, best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
         update_metrics(run, phase, best)
         # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
@@ -2015,8 +2153,9 @@ def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int, 
         dataset, collate, features = recompute
         loaders["train"] = make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed)
 
-        def loss_fn(model, batch):
+        def recomputed_fusion_loss(model, batch):
             return fusion_loss(model, {**batch, **features(batch)})
+        loss_fn = recomputed_fusion_loss
     return fit("fusion", fusion, loaders, fusion_forward, loss_fn, epochs, cfg.lr[2], cfg, rt, run)
 
 
@@ -2033,12 +2172,18 @@ PHASE_GROUPS = {"teacher": ("teacher",), "students": ("audio", "visual"), "fusio
                 "all": PHASES}
 
 
-def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
+# The encoder flag each phase loads a pretrained model from.
+PHASE_MODELS = {"teacher": "text_model", "audio": "audio_model", "visual": "video_model"}
+
+
+def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool = False) -> dict:
     """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out.
 
-    With `resume`, phases that completed are skipped and an interrupted one continues from its
-    last checkpoint; without it, every phase named starts from scratch, and what an earlier run
-    left of it and of the phases after it is deleted (forget_phases)."""
+    Every input (flags, data, models, device) is checked before anything is written. A phase
+    that the run already holds (its weights or checkpoint, or those of a later phase trained on
+    it) needs `resume` (complete phases are skipped, an interrupted one continues from its last
+    checkpoint) or `overwrite` (they train from scratch; the old weights go only once new ones
+    exist, replace_weights). The next phase of a run needs neither."""
     run = Path(cfg.out)
     first = PHASES.index(PHASE_GROUPS[phase][0])
     # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
@@ -2046,22 +2191,37 @@ def train(cfg: Config, phase: str = "all", resume: bool = False) -> dict:
     if untrained:
         raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs "
                          f"them: train the earlier phases first")
+    if resume and overwrite:
+        raise SystemExit("telme: --resume continues a run, --overwrite starts its phases anew: give one")
+    held = [p for p in PHASES[first:] if weights_path(run, p).is_file() or checkpoint_path(run, p).is_file()]
+    if held and not (resume or overwrite):
+        raise SystemExit(f"telme: {run} already holds {', '.join(held)} weights or checkpoints; "
+                         f"--resume {run} continues that run, --overwrite trains --phase {phase} anew "
+                         "(and removes the phases trained on it)")
     rt = make_runtime(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    if resume:
-        skipped = [p for p in PHASE_GROUPS[phase] if phase_complete(run, p)]
-        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
-    elif is_main_process():
-        write_run_config(cfg, rt, run)
-        forget_phases(run, PHASES[first:])
-    barrier()  # every rank sees the same checkpoints when deciding what to skip
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
+    todo = [p for p in PHASE_GROUPS[phase] if not (resume and phase_complete(run, p))]
+    for p in todo:
+        if p in PHASE_MODELS:
+            check_model("--" + PHASE_MODELS[p].replace("_", "-"), getattr(cfg, PHASE_MODELS[p]))
     # Media decoded once, before any phase trains, for the phases still to run that read it (the
-    # teacher reads none); under --strict a media fault stops the run here.
-    todo = {p for p in PHASE_GROUPS[phase] if not phase_complete(run, p)}
-    media = prepare_media(cfg, splits) if todo - {"teacher"} else None
+    # teacher reads none); under --strict a media fault stops the run here, before RUN changes.
+    media = prepare_media(cfg, splits) if set(todo) - {"teacher"} else None
+    # Every input checked: from here on the run directory changes.
+    if is_main_process():
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_config(cfg, rt, run)
+            for p in todo:  # a phase trained anew starts from its first epoch
+                checkpoint_path(run, p).unlink(missing_ok=True)
+                complete_marker(run, p).unlink(missing_ok=True)
+    if resume:
+        skipped = [p for p in PHASE_GROUPS[phase] if p not in todo]
+        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
+    barrier()  # every rank sees the same checkpoints when deciding what to skip
+    todo = set(todo)
     if "teacher" in todo:
         transformers.set_seed(cfg.seed)
         train_teacher(cfg, rt, run, splits)
@@ -2138,8 +2298,8 @@ def dataset_labels(dataset) -> np.ndarray:
 
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
-    """One phase's entry of metrics.json."""
-    return {"dev_wf1": reports["dev"]["wf1"],
+    """One phase's entry of metrics.json (README: outputs); a split that is not there scores None."""
+    return {"dev_wf1": reports["dev"]["wf1"] if "dev" in reports else None,
             "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
             "best_epoch": best_epoch,
             "per_class": {split: r["per_class"] for split, r in reports.items()},
@@ -2179,13 +2339,35 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     return outputs
 
 
-def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True, **overrides) -> dict:
-    """Recompute every trained phase's metrics from its saved weights; write metrics.json and
-    report.md (with confusion.png). `overrides`: data_dir, cache_dir or device, where they are not
-    those of the run's config.json (another machine, a moved dataset)."""
-    cfg = dataclasses.replace(read_run_config(run), quiet=quiet, **overrides)
+def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
+    """Whether `data_dir` holds the data the run was trained on: the same folder, or, where that
+    folder is gone (the data moved), the same class counts per split as the run's metrics.json."""
+    if Path(data_dir).resolve() == Path(saved.data_dir).resolve():
+        return True
+    if Path(saved.data_dir).exists() or not (run / "metrics.json").is_file():
+        return False
+    recorded = next(iter(json.loads((run / "metrics.json").read_text()).values()))["per_class"]
+    classes = EMOTIONS[saved.dataset]
+    return set(recorded) == set(splits) and all(
+        [recorded[s][c]["support"] for c in classes] == [sum(u.label == i for u in utts) for i in range(len(classes))]
+        for s, utts in splits.items())
+
+
+def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
+             out: Path | None = None, **overrides) -> dict:
+    """Recompute every trained phase's metrics from its saved weights on the dev and test splits
+    there are; write metrics.json, report.md (with confusion.png) and predictions.csv into the run,
+    or into `out`. `overrides`: data_dir, cache_dir or device, where they are not those of the
+    run's config.json (another machine, a moved dataset). Other data than the run's needs `out`:
+    the run's own record is never replaced by figures on other data."""
+    saved = read_run_config(run)
+    cfg = dataclasses.replace(saved, quiet=quiet, **overrides)
     rt = make_runtime(cfg)
-    splits = {s: u for s, u in load_splits(cfg).items() if s in ("dev", "test")}
+    splits = {s: u for s, u in load_splits(cfg, required=()).items() if s in ("dev", "test")}
+    if out is None and not same_data(run, saved, cfg.data_dir, splits):
+        raise SystemExit(f"telme: {cfg.data_dir} is not the data {run} was trained on ({saved.data_dir}); "
+                         "give --out DIR for its metrics, report and predictions (the run's stay as they are)")
+    target = out or run
     classes = EMOTIONS[cfg.dataset]
     outputs = eval_outputs(run, cfg, rt, splits)
     results = {}
@@ -2195,12 +2377,38 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
         metadata = safetensors_metadata(weights_path(run, phase))
         results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
     if is_main_process():
-        for phase, metrics in results.items():
-            update_metrics(run, phase, metrics)
+        if target == run:
+            for phase, metrics in results.items():
+                update_metrics(run, phase, metrics)
+        else:
+            atomic_write(target / "metrics.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
         if per_class:
             print_per_class(results, classes, split)
-        write_report(run, results, cfg.dataset, split if split in splits else "dev")
+        write_report(target, results, cfg.dataset, split if split in splits else next(iter(splits)),
+                     run=run, data_dir=cfg.data_dir)
+        write_predictions(target / "predictions.csv", splits, outputs, classes)
     return results
+
+
+def write_predictions(path: Path, splits: dict, outputs: dict, classes: list[str], labelled: bool = True) -> None:
+    """One row per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label
+    (empty where unknown), then each phase's predicted label and class probabilities; for error
+    analysis and significance tests."""
+    import io
+    phases = [p for p in PHASES if f"z_{p}" in next(iter(outputs.values()))]
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["split", "dialogue", "utterance", "speaker", "text", "label"]
+                    + [f"{p}_{c}" for p in phases for c in ("prediction", *classes)])
+    for split, utts in splits.items():
+        probabilities = {p: F.softmax(outputs[split][f"z_{p}"].float(), -1) for p in phases}
+        for i, u in enumerate(utts):
+            row = [split, u.dialogue, Path(u.audio or u.video).stem, u.speaker, u.text,
+                   classes[u.label] if labelled else ""]
+            for p in phases:
+                row += [classes[int(probabilities[p][i].argmax())], *(f"{x:.6f}" for x in probabilities[p][i].tolist())]
+            writer.writerow(row)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 # --- report.md: what a reader wants from a run, in one page ----------------------------------------
@@ -2209,22 +2417,27 @@ PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion
              "iemocap": {"fusion": 70.48}}
 
 
-def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
-    """RUN/report.md: the per-phase comparison, then per-class scores and the confusion matrix
-    (counts, row-normalised, and RUN/confusion.png) of the final phase on `split`."""
+def write_report(target: Path, results: dict, dataset: str, split: str, run: Path | None = None,
+                 data_dir: str = "") -> None:
+    """TARGET/report.md: the per-phase comparison, then per-class scores and the confusion matrix
+    (counts, row-normalised, and TARGET/confusion.png) of the final phase on `split`. `run`, the
+    run whose weights were scored, is `target` unless eval wrote elsewhere (--out)."""
     classes = EMOTIONS[dataset]
+    run = run or target
     final = list(results)[-1]  # the last trained phase: fusion once the run is complete
     paper = PAPER_WF1.get(dataset, {})
     lines = [f"# telme report: {run.name}", "",
-             f"Dataset `{dataset}`; weighted F1 x100, each phase at the epoch with the best dev "
+             f"Dataset `{dataset}`" + (f", data `{data_dir}`" if data_dir else "")
+             + (f", weights of run `{run}`" if run != target else "")
+             + "; weighted F1 x100, each phase at the epoch with the best dev "
              "weighted F1. Written by `telme.py eval` from the saved weights.", "",
              "## Phases", "",
              "| phase | best epoch | dev W-F1 | test W-F1 | paper test W-F1 |",
              "|---|---|---|---|---|"]
     for phase, m in results.items():
-        test = f"{m['test_wf1']:.2f}" if m["test_wf1"] is not None else "n/a"
+        dev, test = (f"{m[k]:.2f}" if m[k] is not None else "n/a" for k in ("dev_wf1", "test_wf1"))
         reference = f"{paper[phase]:.2f}" if phase in paper else ""
-        lines.append(f"| {phase} | {m['best_epoch']} | {m['dev_wf1']:.2f} | {test} | {reference} |")
+        lines.append(f"| {phase} | {m['best_epoch']} | {dev} | {test} | {reference} |")
     if paper:
         lines += ["", f"The paper's figures are on the released {dataset.upper()} test split; "
                   "they compare with ours only when this run trained on that data."]
@@ -2244,8 +2457,8 @@ def write_report(run: Path, results: dict, dataset: str, split: str) -> None:
               for c, row in zip(classes, normalised)]
     lines += ["", "![confusion matrix](confusion.png)", "",
               "In the image, the shade is the row-normalised share, the number the count.", ""]
-    atomic_write(run / "confusion.png", lambda f: f.write(confusion_png(counts, normalised, classes)))
-    atomic_write(run / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(target / "confusion.png", lambda f: f.write(confusion_png(counts, normalised, classes)))
+    atomic_write(target / "report.md", lambda f: f.write("\n".join(lines).encode()))
 
 
 CONFUSION_CELL = 64  # pixels per cell of confusion.png
@@ -2296,8 +2509,9 @@ def print_per_class(results: dict, classes: list[str], split: str) -> None:
 def print_summary(results: dict) -> None:
     print(f"\n| {'phase':8s} | dev W-F1 | test W-F1 |\n|----------|----------|-----------|")
     for phase, m in results.items():
-        test = f"{m['test_wf1']:9.2f}" if m["test_wf1"] is not None else "      n/a"
-        print(f"| {phase:8s} | {m['dev_wf1']:8.2f} | {test} |")
+        dev, test = (f"{m[k]:{w}.2f}" if m[k] is not None else f"{'n/a':>{w}s}"
+                     for k, w in (("dev_wf1", 8), ("test_wf1", 9)))
+        print(f"| {phase:8s} | {dev} | {test} |")
 
 
 # --- Inference: one new utterance, from its clip, its text and the dialogue so far ----------------
@@ -2323,55 +2537,113 @@ def read_history(path: Path) -> list[tuple[str, str]]:
     return turns
 
 
-def predict(run: Path, text: str, video: str | None = None, audio: str | None = None,
-            history: list[tuple[str, str]] = (), speaker: str = NEW_SPEAKER, device: str = "auto") -> dict:
-    """Every trained phase's class probabilities for one utterance, through the same prompt,
-    decoding and collation as training and eval. A modality that is absent (no file, no stream)
-    goes in as zeros, as an undecodable clip does in training."""
-    cfg = dataclasses.replace(read_run_config(run), device=device, quiet=True)
-    rt = make_runtime(cfg)
-    classes, trained = EMOTIONS[cfg.dataset], trained_phases(run)
-    audio = audio or video  # a clip's own sound unless a separate recording is given
-    item, missing = {"index": 0, "label": 0}, {}
-    if trained != ["teacher"]:
-        settings = MediaCache(cfg).settings
-        for kind, path in (("audio", audio), ("video", video)):
+class Predictor:
+    """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict`
+    uses it too):
+
+        from telme import Predictor
+        model = Predictor("runs/meld")                 # device="auto"
+        result = model.predict("Oh my God!", history=[("Ross", "Hi.")], speaker="Rachel",
+                               video="clip.mp4")       # audio: the clip's own sound unless given
+        result["prediction"], result["probabilities"]  # the fusion's class and its distribution
+
+    A file that is named but cannot be decoded stops with a one-line error, unless
+    `missing_as_zeros` puts zeros in its place, as training does for an undecodable clip.
+    """
+
+    def __init__(self, run, device: str = "auto", missing_as_zeros: bool = False):
+        self.run = Path(run)
+        self.cfg = dataclasses.replace(read_run_config(self.run), device=device, quiet=True)
+        self.rt = make_runtime(self.cfg)
+        self.missing_as_zeros = missing_as_zeros
+        self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(self.run)
+        self.teacher, self.tokenizer = load_teacher(self.run, self.cfg, self.rt)
+        self.models = {"teacher": self.teacher}
+        for phase, kind in (("audio", "audio"), ("visual", "video")):
+            if phase in self.trained:
+                self.models[phase] = load_student(self.run, kind, self.cfg, self.rt)
+        self.fusion = load_fusion(self.run, self.cfg, self.rt) if "fusion" in self.trained else None
+        self.image_stats = (image_statistics(str(encoder_dir(self.run, "video")))
+                            if "visual" in self.trained else None)
+        self.settings = MediaCache(self.cfg).settings
+
+    def media(self, video: str | None, audio: str | None) -> tuple[dict, dict]:
+        """The decoded inputs and {kind: why it is zeros} for the modalities that are."""
+        item, missing = {}, {}
+        for kind, path in (("video", video), ("audio", audio or video)):  # the clip's own sound by default
+            if path and os.path.isdir(path):
+                raise SystemExit(f"telme: {path}: is a directory, not a {kind} file")
             if path and not os.path.isfile(path):
                 raise SystemExit(f"telme: {path} not found")
-            try:
-                item[kind] = decode_media(kind, path, None, None, settings[kind]) if path else None
-            except MediaError as error:
-                item[kind] = None
-                missing[kind] = f"{path}: {error}"
+            item[kind] = None
             if not path:
                 missing[kind] = "no file given"
-    teacher, tokenizer = load_teacher(run, cfg, rt)
-    # The history and the new utterance form one dialogue; the prompt is built for its last turn.
-    turns = [*history, (speaker, text)]
-    utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
-    item["input_ids"] = teacher_input_ids(utterances, tokenizer, cfg.max_text_tokens)[-1]
-    image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in trained else None
-    batch = to_device(make_collate(cfg, tokenizer.pad_token_id, image_stats)([item]), rt.device)
-    features, logits = {}, {}
-    with torch.no_grad():
-        for phase, kind, forward in (("teacher", "text", text_forward), ("audio", "audio", audio_forward),
-                                     ("visual", "video", video_forward)):
-            if phase in trained:
-                model = teacher if phase == "teacher" else load_student(run, kind, cfg, rt)
+                continue
+            try:
+                item[kind] = decode_media(kind, path, None, None, self.settings[kind])
+            except MediaError as error:
+                # A clip without a sound track is a clip, not a bad file: its audio goes in as zeros.
+                named = kind == "video" or audio is not None
+                if named and not self.missing_as_zeros:
+                    raise SystemExit(f"telme: {path}: {error} (--missing-as-zeros: zeros in its place)") from None
+                missing[kind] = f"{path}: {error}"
+        return item, missing
+
+    def predict(self, text: str, history=(), speaker: str = NEW_SPEAKER, video: str | None = None,
+                audio: str | None = None) -> dict:
+        """Every trained phase's class probabilities for one utterance, through the same prompt,
+        decoding and collation as training and eval. `history`: (speaker, utterance) pairs of the
+        dialogue so far. A modality without a file goes in as zeros."""
+        if not text.strip():
+            raise SystemExit("telme: the utterance's text is empty; predict needs what is said")
+        cfg, rt = self.cfg, self.rt
+        item, missing = {"index": 0, "label": 0}, {}
+        if self.trained != ["teacher"]:
+            media, missing = self.media(video, audio)
+            item.update(media)
+        # The history and the new utterance form one dialogue; the prompt is built for its last turn.
+        turns = [*history, (speaker, text)]
+        utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
+        item["input_ids"] = teacher_input_ids(utterances, self.tokenizer, cfg.max_text_tokens)[-1]
+        batch = to_device(make_collate(cfg, self.tokenizer.pad_token_id, self.image_stats)([item]), rt.device)
+        features, logits = {}, {}
+        with torch.no_grad():
+            for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
+                if phase in self.models:
+                    with rt.autocast("eval"):
+                        f, z = forward(self.models[phase], batch)
+                    features[phase], logits[phase] = f.float(), z.float()
+            if self.fusion is not None:  # the students' features as eval feeds them: float32
+                inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
                 with rt.autocast("eval"):
-                    f, z = forward(model, batch)
-                features[phase], logits[phase] = f.float(), z.float()
-        if "fusion" in trained:  # the students' features as eval feeds them: float32
-            inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
-            with rt.autocast("eval"):
-                logits["fusion"] = fusion_forward(load_fusion(run, cfg, rt), inputs)[1].float()
-    phases = {}
-    for phase, z in logits.items():
-        p = F.softmax(z[0], dim=-1).cpu()
-        phases[phase] = {"prediction": classes[int(p.argmax())],
-                         "probabilities": {c: float(p[i]) for i, c in enumerate(classes)}}
-    final = trained[-1]  # the fusion once the run is complete
-    return {"model": final, **phases[final], "missing": missing, "phases": phases}
+                    logits["fusion"] = fusion_forward(self.fusion, inputs)[1].float()
+        phases = {}
+        for phase, z in logits.items():
+            p = F.softmax(z[0], dim=-1).cpu()
+            phases[phase] = {"prediction": self.classes[int(p.argmax())],
+                             "probabilities": {c: float(p[i]) for i, c in enumerate(self.classes)}}
+        final = self.trained[-1]  # the fusion once the run is complete
+        return {"model": final, **phases[final], "missing": missing, "phases": phases}
+
+
+def predict_csv(run: Path, path: Path, clips: Path, out: Path, device: str = "auto", cache_dir: str = "",
+                missing_as_zeros: bool = False) -> None:
+    """Every utterance of a CSV in MELD's layout (Emotion optional; clips dia<D>_utt<U>.mp4 in
+    `clips`), each with its dialogue's earlier rows as history, into predictions.csv's format at
+    `out`. Models and decoding are eval's: each model loaded once, clips through the media cache;
+    an undecodable clip stops the run, or, with `missing_as_zeros`, goes in as zeros."""
+    saved = read_run_config(run)
+    cfg = dataclasses.replace(saved, device=device, quiet=True, strict=not missing_as_zeros,
+                              cache_dir=cache_dir or saved.cache_dir)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        labelled = "Emotion" in next(csv.reader(f), [])
+    try:
+        utterances = read_meld_csv(path, clips, labelled, raw_text=cfg.official_text)
+    except DataError as error:
+        raise SystemExit(f"telme: {error}") from None
+    outputs = eval_outputs(run, cfg, make_runtime(cfg), {"predict": utterances})
+    write_predictions(out, {"predict": utterances}, outputs, EMOTIONS[cfg.dataset], labelled)
+    log(f"telme: {len(utterances)} utterances predicted into {out}")
 
 
 def print_prediction(result: dict, all_phases: bool) -> None:
@@ -2387,6 +2659,11 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 
 
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
+# What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
+SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
+                     "compile"}
+
+
 def summarize(runs: list[Path], out: Path) -> dict:
     """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
     values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
@@ -2398,6 +2675,18 @@ def summarize(runs: list[Path], out: Path) -> dict:
             if not (run / name).is_file():
                 raise SystemExit(f"telme: {run / name} not found; did that run finish?")
             into.append(json.loads((run / name).read_text()))
+    where = [str(r.resolve()) for r in runs]
+    seeds = [c["config"].get("seed") for c in configs]
+    for i, (run, config) in enumerate(zip(runs, configs)):
+        earlier = [j for j in range(i) if where[j] == where[i] or seeds[j] == seeds[i]]
+        if earlier:
+            raise SystemExit(f"telme: {run} repeats {runs[earlier[0]]} (seed {seeds[i]}); summarize "
+                             "takes each seed's run once")
+        differ = sorted(k for k in set(config["config"]) | set(configs[0]["config"])
+                        if k not in SEED_SUMMARY_FREE and config["config"].get(k) != configs[0]["config"].get(k))
+        if differ:
+            raise SystemExit(f"telme: {run} and {runs[0]} differ in {', '.join(differ)}; summarize "
+                             "averages runs that differ in their seed alone")
     summary = {"runs": [str(r) for r in runs], "seeds": [c["config"]["seed"] for c in configs],
                "devices": [c.get("device") for c in configs],
                # run.sh writes each run's wall-clock seconds (its phases and eval) to wall_clock_s.
@@ -2732,19 +3021,26 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
 DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_tokens=48,
             image_size=32, feature_dim=48, max_audio_samples=48000)
 DEMO_DIALOGUES = 48  # synthetic training dialogues (a quarter as many each in dev and test)
+# The demo's torch threads: its tiny models gain little from a second thread (README: threads).
+DEMO_THREADS = 1
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) -> dict:
     """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present.
     `out` is the run directory; the demo's own inputs (data, models, media cache) go in out/inputs."""
     started = time.time()
+    # A demo run directory is the demo's to replace; any other run is refused (train's check).
+    config = out / "config.json"
+    again = config.is_file() and json.loads(config.read_text())["config"]["data_dir"] == str(out / "inputs" / "data")
+    if any(weights_path(out, p).is_file() for p in PHASES) and not again:
+        raise SystemExit(f"telme: {out} holds a run that is not a demo's; choose another --out")
     data = synth(out / "inputs" / "data", dataset, DEMO_DIALOGUES, seed=seed)
     corpus = [u.text for utts in load_splits(make_config(dataset, data_dir=str(data))).values() for u in utts]
     models = write_tiny_models(out / "inputs" / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
     cfg = make_config(dataset, data_dir=str(data), out=str(out), cache_dir=str(out / "inputs" / "cache"),
                       text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
                       seed=seed, quiet=quiet, **DEMO)
-    train(cfg)
+    train(cfg, overwrite=again)
     results = evaluate(Path(cfg.out), quiet=quiet, per_class=False)
     print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}; "
           f"per-class reports: python telme.py eval --run {cfg.out}")
@@ -3050,7 +3346,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
             default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                 for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{docs[f.name]} [default: {default}]")
+                            help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3096,21 +3392,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(prepare)
     train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
     add_config_flags(train_cmd)
-    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all")
+    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all",
+                           help="teacher (text), students (audio, then visual; needs the teacher), "
+                                "fusion (needs all three), or all in turn [default: all]")
     train_cmd.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                            "completed epoch, with the configuration in RUN/config.json")
+    train_cmd.add_argument("--overwrite", action="store_true",
+                           help="train phases that --out already holds anew; their old weights, and "
+                                "those of the phases trained on them, go once new weights exist")
     eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
-    eval_cmd.add_argument("--run", required=True)
+    eval_cmd.add_argument("--run", required=True, help="a trained run directory")
+    eval_cmd.add_argument("--out", help="folder for metrics.json, report.md, confusion.png and "
+                          "predictions.csv [default: the run itself; needed for data other than the run's]")
     eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split whose per-class table is printed")
-    eval_cmd.add_argument("--quiet", action="store_true")
+    eval_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
     for flag, what in (("--data-dir", "the dataset"), ("--cache-dir", "the media cache"),
                        ("--device", "the device to run on")):
         eval_cmd.add_argument(flag, help=f"{what}, where not as in the run's config.json")
     predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
                                       "text and dialogue history")
     predict_cmd.add_argument("--run", required=True, help="a trained run directory")
-    predict_cmd.add_argument("--text", required=True, help="what is said in the utterance")
+    predict_cmd.add_argument("--text", help="what is said in the utterance (this or --csv)")
+    predict_cmd.add_argument("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, "
+                             "Dialogue_ID, Utterance_ID; Emotion optional), each predicted with its "
+                             "dialogue's earlier rows as history, into --out")
+    predict_cmd.add_argument("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 "
+                             "[default: the CSV's folder]")
+    predict_cmd.add_argument("--out", help="with --csv: the predictions file to write (eval's "
+                             "predictions.csv columns)")
+    predict_cmd.add_argument("--cache-dir", help="with --csv: the media cache [default: the run's]")
+    predict_cmd.add_argument("--missing-as-zeros", action="store_true",
+                             help="a named file that cannot be decoded goes in as zeros (as in training) "
+                                  "instead of stopping with an error")
     predict_cmd.add_argument("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
     predict_cmd.add_argument("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
     predict_cmd.add_argument("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
@@ -3122,15 +3436,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
-    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
-    stats_cmd.add_argument("--data-dir", required=True)
+    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld", help="[default: meld]")
+    stats_cmd.add_argument("--data-dir", required=True, help="the dataset as released")
     synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
-    synth_cmd.add_argument("--out", required=True)
-    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
+    synth_cmd.add_argument("--out", required=True, help="folder for the dataset")
+    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
+                           help="whose released layout [default: meld]")
     synth_cmd.add_argument("--dialogues", type=int, default=40,
                            help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
                                 "dialogues (Session 5: a quarter)")
-    synth_cmd.add_argument("--seed", type=int, default=0)
+    synth_cmd.add_argument("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
     summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
     summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
     summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
@@ -3143,9 +3458,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
     demo_cmd.add_argument("--out", default="runs/demo", help="the run directory; the demo's data, "
                           "models and media cache go in OUT/inputs [default: runs/demo]")
-    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld")
-    demo_cmd.add_argument("--seed", type=int, default=42)
-    demo_cmd.add_argument("--quiet", action="store_true")
+    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
+                          help="the layout of the synthetic data [default: meld]")
+    demo_cmd.add_argument("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
+    demo_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
     bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
     bench_cmd.add_argument("--out", default="",
                            help="folder for the clips and caches [default: a temporary one]")
@@ -3156,28 +3472,82 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
     bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
                            help=f"the phases (b) times [default: {','.join(PHASES)}]")
-    bench_cmd.add_argument("--threads", type=int, default=0,
-                           help="torch intra-op threads [default: torch's own, one per core]; on a "
-                                "shared CPU, 1 avoids threads spinning while they wait for a core")
     add_config_flags(bench_cmd, ("device", "amp", "compile", "workers", "loader_workers", "batch_size",
                                  "eval_batch_size"))
+    for name, command in commands.choices.items():
+        default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
+        command.add_argument("--threads", type=int, default=None,
+                             help=f"torch CPU threads [default: {default}]; on a CPU shared with other "
+                                  "jobs, 1 keeps threads from spinning while they wait for a core (README)")
     return parser
 
 
+# argparse reads "-1e-3" as a flag (only "-1" and "-.5" look like numbers to it).
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`, so that a negative value reaches the range check (make_config)."""
+    joined = []
+    for token in argv:
+        if (NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--")
+                and "=" not in joined[-1]):
+            joined[-1] += "=" + token
+        else:
+            joined.append(token)
+    return joined
+
+
+def default_threads(command: str) -> int:
+    if command == "demo":
+        return DEMO_THREADS
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def interrupted(run: Path, phase: str) -> str:
+    """The line Ctrl-C during train ends with: what the run directory holds, and how to continue."""
+    if not (run / "config.json").is_file():
+        return "telme: interrupted before training began; nothing was written"
+    saved = [f"{p} complete" if phase_complete(run, p) else f"{p} up to epoch {saved_epoch(run, p)}"
+             for p in PHASES if phase_complete(run, p) or saved_epoch(run, p) is not None]
+    return (f"telme: interrupted; {run} holds " + (", ".join(saved) or "no finished epoch")
+            + f"; continue with: python telme.py train --resume {run} --phase {phase}")
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args.threads = args.threads if args.threads is not None else default_threads(args.command)
+    if args.threads < 1:
+        raise SystemExit(f"telme: --threads must be at least 1, not {args.threads}")
+    torch.set_num_threads(args.threads)
 
     if args.command == "prepare":
         cfg = config_from_args(args)
         make_runtime(cfg)  # under torchrun: joins the other processes, which share the decoding
         prepare_media(cfg, load_splits(cfg))
-    elif args.command == "train" and args.resume:
-        train(resume_config(args), args.phase, resume=True)
     elif args.command == "train":
-        train(config_from_args(args), args.phase)
+        cfg = resume_config(args) if args.resume else config_from_args(args)
+        try:
+            train(cfg, args.phase, resume=bool(args.resume), overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            print(interrupted(Path(cfg.out), args.phase), file=sys.stderr)
+            sys.exit(130)
+    elif args.command == "predict" and args.csv:
+        if args.text is not None or not args.out:
+            raise SystemExit("telme: predict --csv takes --out (the predictions file) and no --text")
+        csv_path = Path(args.csv)
+        if not csv_path.is_file():
+            raise SystemExit(f"telme: {csv_path} not found")
+        predict_csv(Path(args.run), csv_path, Path(args.clips) if args.clips else csv_path.parent,
+                    Path(args.out), args.device, args.cache_dir or "", args.missing_as_zeros)
     elif args.command == "predict":
-        result = predict(Path(args.run), args.text, args.video, args.audio,
-                         read_history(Path(args.history)) if args.history else [], args.speaker, args.device)
+        if args.text is None:
+            raise SystemExit("telme: predict needs --text (one utterance) or --csv (many)")
+        history = read_history(Path(args.history)) if args.history else []
+        result = Predictor(args.run, args.device, args.missing_as_zeros).predict(
+            args.text, history, args.speaker, args.video, args.audio)
         if not args.all_phases:
             result["phases"] = {result["model"]: result["phases"][result["model"]]}
         if args.json:
@@ -3186,7 +3556,7 @@ def main(argv=None) -> None:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
         overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, **overrides)
+        results = evaluate(Path(args.run), args.split, args.quiet, out=args.out and Path(args.out), **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import os
 import shutil
 import wave
 from pathlib import Path
@@ -523,6 +524,9 @@ def write_fault(path: Path, fault: str):
     """A clip of 1.5 s (12 frames at 8 fps, stereo 48 kHz) damaged as `fault` says."""
     if fault == "missing file":
         return
+    if fault == "a directory":
+        path.mkdir(parents=True)
+        return
     if fault == "zero-byte file":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
@@ -539,6 +543,7 @@ def write_fault(path: Path, fault: str):
     ("truncated mp4", "cannot decode", "cannot decode"),
     ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
     ("missing file", "file not found", "file not found"),
+    ("a directory", "is a directory", "is a directory"),
     ("no audio stream", "no audio stream", None),
     ("silent audio", "audio is silent", None),
 ])
@@ -672,15 +677,16 @@ def test_media_faults_are_logged_counted_and_become_zeros(tmp_path, faulty_meld,
     assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
 
 
-def test_strict_stops_before_training(tmp_path, faulty_meld, capsys):
-    args = ["train", "--dataset", "meld", "--data-dir", str(faulty_meld), "--out", str(tmp_path / "run"),
-            "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--quiet", "--strict"]
+def test_strict_stops_before_training(tmp_path, faulty_meld, tiny_models, capsys):
+    args = ["--dataset", "meld", "--data-dir", str(faulty_meld), "--cache-dir", str(tmp_path / "cache"),
+            "--workers", "1", "--quiet", "--strict"]
+    models = ["--audio-model", tiny_models["audio"], "--video-model", tiny_models["video"]]
     with pytest.raises(SystemExit) as stop:
-        telme.main(args)
+        telme.main(["train", *args, *models, "--text-model", tiny_models["text"], "--out", str(tmp_path / "run")])
     assert "14 media faults" in str(stop.value) and "--strict" in str(stop.value)
-    assert not list((tmp_path / "run").glob("*.safetensors"))
+    assert not (tmp_path / "run").exists()  # nothing written: the media are checked first
     with pytest.raises(SystemExit):
-        telme.main(["prepare"] + args[1:-6] + args[-5:])
+        telme.main(["prepare", *args])
 
 
 def test_training_with_faulty_media_scores_every_utterance(tmp_path, faulty_meld, tiny_models):
@@ -927,15 +933,113 @@ def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, 
         run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
 
 
-def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path):
+def test_predict_stops_on_what_it_cannot_read_unless_zeros_are_asked_for(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    clip = Path(telme.load_splits(telme.read_run_config(out))["test"][0].video)
+    bad = {"truncated": clip.read_bytes()[:len(clip.read_bytes()) // 3], "empty": b"", "text": b"not a video\n"}
+    for name, data in bad.items():
+        (tmp_path / f"{name}.mp4").write_bytes(data)
+    (tmp_path / "folder.mp4").mkdir()
+    for name, problem in (("truncated", "cannot decode"), ("empty", "empty file (0 bytes)"),
+                          ("text", "cannot decode"), ("folder", "is a directory")):
+        line = one_line_exit(capsys, ["predict", "--run", str(out), "--text", "Hi", "--video", str(tmp_path / f"{name}.mp4")])
+        assert line.startswith(f"telme: {tmp_path / name}.mp4: ") and problem in line, line
+    assert "is empty" in one_line_exit(capsys, ["predict", "--run", str(out), "--text", " ", "--video", str(clip)])
+    zeros = json.loads(run_predict(capsys, "--run", out, "--text", "Hi", "--video", tmp_path / "text.mp4",
+                                   "--missing-as-zeros", "--json"))
+    assert set(zeros["missing"]) == {"audio", "video"} and zeros["prediction"] in telme.EMOTIONS["meld"]
+    # The Python entry point: a run loaded once, many utterances.
+    model = telme.Predictor(out)
+    assert model.predict("Hi", video=str(clip))["probabilities"] == json.loads(run_predict(
+        capsys, "--run", out, "--text", "Hi", "--video", clip, "--json"))["probabilities"]
+
+
+def test_predict_csv_gives_eval_predictions_with_or_without_labels(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    data = Path(telme.read_run_config(out).data_dir)
+    test_csv, clips = (data / name for name in telme.MELD_SPLITS["test"])
+    rows = list(csv.DictReader(test_csv.open()))
+    write_rows(tmp_path / "mine.csv", [c for c in rows[0] if c != "Emotion"],
+               [[r[c] for c in rows[0] if c != "Emotion"] for r in rows])
+    telme.main(["predict", "--run", str(out), "--csv", str(test_csv), "--clips", str(clips),
+                "--out", str(tmp_path / "labelled.csv")])
+    telme.main(["predict", "--run", str(out), "--csv", str(tmp_path / "mine.csv"), "--clips", str(clips),
+                "--out", str(tmp_path / "unlabelled.csv")])
+    evaluated = [r for r in csv.DictReader((out / "predictions.csv").open()) if r["split"] == "test"]
+    for name in ("labelled", "unlabelled"):
+        got = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
+        assert [r["fusion_prediction"] for r in got] == [r["fusion_prediction"] for r in evaluated]
+        assert [r["label"] for r in got] == ([r["label"] for r in evaluated] if name == "labelled" else [""] * len(got))
+
+
+def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path, monkeypatch):
     out, _ = demo_run
     run = tmp_path / "run"
     shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
     cfg = telme.dataclasses.replace(telme.read_run_config(run), out=str(run), epochs=(1, 1, 1))
-    telme.train(cfg, "teacher")
+    with pytest.raises(SystemExit, match="already holds teacher, audio, visual, fusion weights or "
+                                         "checkpoints; --resume .* continues that run, --overwrite"):
+        telme.train(cfg, "teacher")
+    # Stopped before its first weights exist, an --overwrite run leaves the old ones as they were.
+    monkeypatch.setattr(telme, "save_weights", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        telme.train(cfg, "teacher", overwrite=True)
+    assert all(file_bytes(run)[f"{p}.safetensors"] == before[f"{p}.safetensors"] for p in telme.PHASES)
+    monkeypatch.undo()
+    telme.train(cfg, "teacher", overwrite=True)
     assert telme.trained_phases(run) == ["teacher"]
     assert list(json.loads((run / "metrics.json").read_text())) == ["teacher"]
     assert json.loads((run / "checkpoints" / "teacher.complete").read_text())["epochs"] == 1
+
+
+def file_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli_flags(cfg) -> list[str]:
+    """The train flags that give `cfg` (those that differ from the meld preset)."""
+    preset, flags = telme.make_config("meld"), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(preset, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-"))
+        else:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return flags
+
+
+def one_line_exit(capsys, argv) -> str:
+    """telme.main(argv) stops within seconds with one line and exit status 1; returns the line."""
+    import time
+    started = time.time()
+    with pytest.raises(SystemExit) as stop:
+        telme.main(argv)
+    assert time.time() - started < 15
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code  # Python prints it, exit 1
+    assert "Traceback" not in capsys.readouterr().err
+    return stop.value.code
+
+
+def test_a_failing_train_leaves_the_finished_run_byte_identical(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
+    cfg = telme.read_run_config(run)
+    flags = ["train", "--phase", "teacher", *cli_flags(dataclasses.replace(cfg, out=str(run)))]
+    typo = str(tmp_path / "MELD.Rwa")
+    data = ["--data-dir", cfg.data_dir]
+    for extra, problem in ((["--data-dir", typo], "already holds teacher, audio, visual, fusion weights"),
+                           (["--data-dir", typo, "--overwrite"], f"{typo}/train_sent_emo.csv not found"),
+                           ([*data, "--batch-size", "0", "--overwrite"], "--batch-size must be at least 1, not 0"),
+                           ([*data, "--text-model", "/no/such/dir", "--overwrite"], "/no/such/dir: no such directory"),
+                           ([*data, "--resume", str(run), "--overwrite"], "give one")):
+        assert problem in one_line_exit(capsys, flags + extra)
+        assert file_bytes(run) == before  # config.json and metrics.json included
 
 
 def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
@@ -954,6 +1058,53 @@ def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
                 "--cache-dir", str(tmp_path / "cache")])
     metrics = json.loads((run / "metrics.json").read_text())
     assert {p: metrics[p]["test_wf1"] for p in telme.PHASES} == {p: results[p]["test_wf1"] for p in telme.PHASES}
+
+
+def wf1_from_predictions(path: Path) -> dict:
+    """{(split, phase): weighted F1 x100} recomputed from predictions.csv."""
+    from sklearn.metrics import f1_score
+    rows = list(csv.DictReader(path.open()))
+    phases = [c[:-len("_prediction")] for c in rows[0] if c.endswith("_prediction")]
+    return {(split, p): 100 * f1_score([r["label"] for r in rows if r["split"] == split],
+                                       [r[f"{p}_prediction"] for r in rows if r["split"] == split],
+                                       average="weighted")
+            for split in {r["split"] for r in rows} for p in phases}
+
+
+def test_predictions_csv_gives_back_the_weighted_f1_of_metrics_json(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    recomputed = wf1_from_predictions(out / "predictions.csv")
+    assert {p for _, p in recomputed} == set(telme.PHASES)
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(metrics[phase][f"{split}_wf1"], abs=1e-6)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    test = telme.load_splits(telme.read_run_config(out))["test"]
+    assert [r["utterance"] for r in rows if r["split"] == "test"] == [Path(u.video).stem for u in test]
+    assert all(abs(sum(float(r[f"fusion_{c}"]) for c in telme.EMOTIONS["meld"]) - 1) < 1e-4 for r in rows)
+
+
+def test_eval_on_other_data_writes_its_own_folder_and_leaves_the_run(demo_run, tmp_path, capsys):
+    """Labelled clips of one's own (a test CSV and its clips, no train or dev CSV) score into --out;
+    the run's metrics.json and report stay as they were."""
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
+    other = telme.synth(tmp_path / "other", "meld", dialogues=4, seed=3)
+    for split in ("train", "dev"):
+        (other / telme.MELD_SPLITS[split][0]).unlink()
+    argv = ["eval", "--run", str(run), "--data-dir", str(other), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert "is not the data" in one_line_exit(capsys, argv) and file_bytes(run) == before
+    telme.main(argv + ["--out", str(tmp_path / "scored")])
+    assert file_bytes(run) == before
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert list(scored) == list(telme.PHASES) and all(m["dev_wf1"] is None for m in scored.values())
+    assert str(other) in (tmp_path / "scored" / "report.md").read_text()
+    recomputed = wf1_from_predictions(tmp_path / "scored" / "predictions.csv")
+    assert {s for s, _ in recomputed} == {"test"}
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(scored[phase]["test_wf1"], abs=1e-6)
 
 
 def markdown_table(lines, first_cell):
@@ -1158,6 +1309,110 @@ def test_a_phase_before_its_earlier_phases_stops_before_reading_anything(tmp_pat
     with pytest.raises(SystemExit, match="has no audio, visual weights"):
         telme.train(cfg, "fusion")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["teacher.safetensors"]  # nothing written
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--lr", "-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--lr=-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--dropout", "1"], "--dropout must be below 1, not 1.0"),
+    (["--text-model", "/no/such/dir"], "--text-model /no/such/dir: no such directory"),
+    (["--audio-model", "./models/audio"], "--audio-model ./models/audio: no such directory"),
+    (["--video-model", "models/no/video"], "--video-model models/no/video: no such directory"),
+    (["--text-model", "nobody-telme/no-such-model"], "not in the Hugging Face cache"),
+    (["--device", "tpu9"], "--device tpu9: expected auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])
+def test_each_bad_setting_is_one_line_within_seconds_and_writes_nothing(tiny_setup, capsys, monkeypatch,
+                                                                        extra, problem):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1
+    cfg = tiny_setup("bad")
+    line = one_line_exit(capsys, ["train", *cli_flags(cfg), *extra])
+    assert line.startswith("telme: ") and problem in line, line
+    assert not Path(cfg.out).exists()
+
+
+def test_a_bad_flag_exits_1_with_one_line_on_stderr():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, telme.__file__, "train", "--data-dir", ".", "--lr", "-1e-3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "telme: --lr must be above 0, not -0.001\n"
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_setup, monkeypatch, capsys):
+    cfg = tiny_setup("ctrl-c")
+    run = Path(cfg.out)
+    interrupt_after(monkeypatch, "audio", 1)
+    with pytest.raises(SystemExit) as stop:
+        telme.main(["train", *cli_flags(cfg)])
+    assert stop.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    resume = f"python telme.py train --resume {run} --phase all"
+    assert line == f"telme: interrupted; {run} holds teacher complete, audio up to epoch 1; continue with: {resume}"
+    monkeypatch.undo()
+    telme.main(resume.split()[2:] + ["--quiet"])
+    assert telme.trained_phases(run) == list(telme.PHASES)
+    # Files as readable as the umask allows (the atomic writer's temporary file is 0600).
+    mask = telme.current_umask()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+    old = os.umask(0o027)
+    try:
+        telme.atomic_write(run / "group.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (run / "group.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_threads_reach_torch_and_run_sh_passes_them(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    data = telme.synth(tmp_path / "data", "meld", dialogues=1)
+    try:
+        for n in (1, 2):
+            telme.main(["stats", "--data-dir", str(data), "--threads", str(n)])
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert telme.default_threads("train") == 3 and telme.default_threads("demo") == telme.DEMO_THREADS
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert telme.default_threads("eval") == len(os.sched_getaffinity(0))
+    run_sh, log = stand_in_run_sh(tmp_path)
+    run_sh("meld", "--threads", "1")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 5 and all(c.endswith("--threads 1") for c in calls)  # prepare, 3 phases, eval
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(telme, "PROGRESS_SECONDS", 0)
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=False)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("teacher 1/10: batch 3/3, ")
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=True)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_help_is_complete(capsys):
+    parser = telme.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "[default: ]" not in text and "SPEC" not in text, name
+        assert "--threads" in text, name
+        assert all(action.help for action in command._actions), (name, [a.dest for a in command._actions if not a.help])
+
+
+def test_the_demo_replaces_only_a_demo_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher.safetensors").write_bytes(b"weights")
+    (run / "config.json").write_text(json.dumps({"config": {"data_dir": "/data/MELD.Raw"}}))
+    with pytest.raises(SystemExit, match="holds a run that is not a demo's; choose another --out"):
+        telme.demo(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "teacher.safetensors"]
 
 
 def test_resume_keeps_the_run_configuration(tmp_path):
@@ -1725,6 +1980,21 @@ def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
     assert "3.3 min per run" in table
     with pytest.raises(SystemExit, match="metrics.json not found"):
         telme.summarize([tmp_path / "seed45"], tmp_path)
+
+
+def test_summarize_refuses_other_configurations_and_repeated_runs(tmp_path):
+    runs = [fake_run(tmp_path / f"seed{seed}", seed, {"fusion": (60, 61)}) for seed in (42, 43)]
+    with pytest.raises(SystemExit, match="seed42 repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], runs[0]], tmp_path)
+    copy = shutil.copytree(runs[0], tmp_path / "copy")
+    with pytest.raises(SystemExit, match="copy repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], copy], tmp_path)
+    config = json.loads((runs[1] / "config.json").read_text())
+    config["config"].update(lr=[1e-5] * 3, out="elsewhere", device="cuda:1")
+    (runs[1] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="differ in lr; summarize averages runs that differ in their seed alone"):
+        telme.summarize(runs, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_summarize_a_real_run(demo_run, tmp_path):
