@@ -17,125 +17,7 @@ import telme
 
 
 # --------------------------------------------------------------------------------------------------
-# Distillation losses, against an independent derivation
-# --------------------------------------------------------------------------------------------------
-def reference_dist_loss(z_s, z_t, tau):
-    """DIST re-derived with torch.corrcoef, one correlation at a time."""
-    p_s, p_t = F.softmax(z_s / tau, -1), F.softmax(z_t / tau, -1)
-    inter = [torch.corrcoef(torch.stack([p_s[i], p_t[i]]))[0, 1] for i in range(len(p_s))]
-    intra = [torch.corrcoef(torch.stack([p_s[:, c], p_t[:, c]]))[0, 1] for c in range(p_s.shape[1])]
-    return tau ** 2 * ((1 - torch.stack(inter).mean()) + (1 - torch.stack(intra).mean()))
-
-
-@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
-def test_dist_loss_matches_corrcoef_derivation(tau):
-    torch.manual_seed(0)
-    z_s, z_t = torch.randn(6, 7), torch.randn(6, 7)
-    assert torch.allclose(telme.dist_loss(z_s, z_t, tau), reference_dist_loss(z_s, z_t, tau), atol=1e-5)
-
-
-def test_dist_loss_is_zero_for_identical_logits_and_scales_with_tau_squared():
-    torch.manual_seed(1)
-    z = torch.randn(5, 7)
-    assert telme.dist_loss(z, z.clone(), 4.0).abs() < 1e-5
-    z_s, z_t = torch.randn(5, 7), torch.randn(5, 7)
-    # The same correlation terms (logits pre-scaled so softmax sees the same input) times tau^2.
-    assert torch.allclose(telme.dist_loss(2 * z_s, 2 * z_t, 2.0), 4 * telme.dist_loss(z_s, z_t, 1.0), atol=1e-5)
-
-
-def reference_feature_kd(f_t, f_s, t=1.0):
-    """KL(P||Q) written out as sums over explicit probabilities."""
-    f_t, f_s = f_t / f_t.norm(dim=1, keepdim=True), f_s / f_s.norm(dim=1, keepdim=True)
-    total = 0.0
-    for i in range(len(f_t)):
-        p = torch.exp(f_t[i] @ f_t.T / t) / torch.exp(f_t[i] @ f_t.T / t).sum()
-        q = torch.exp(f_t[i] @ f_s.T / t) / torch.exp(f_t[i] @ f_s.T / t).sum()
-        total += (p * (p.log() - q.log())).sum()
-    return total / len(f_t)
-
-
-@pytest.mark.parametrize("t", [1.0, 0.5])
-def test_feature_kd_loss_matches_explicit_kl(t):
-    torch.manual_seed(2)
-    f_t, f_s = torch.randn(5, 16), torch.randn(5, 16)
-    assert torch.allclose(telme.feature_kd_loss(f_t, f_s, t), reference_feature_kd(f_t, f_s, t), atol=1e-5)
-    assert telme.feature_kd_loss(f_t, f_t.clone(), t).abs() < 1e-6
-    assert telme.feature_kd_loss(f_t, f_s, t) > 1e-3
-
-
-def test_student_loss_is_cross_entropy_plus_the_weighted_distillation_terms():
-    """L = CE + alpha L_resp + beta L_feat from the derivations above, with alpha, beta and both
-    temperatures away from 1 so that a dropped or swapped weight or temperature shows."""
-    torch.manual_seed(4)
-    z_s, z_t, f_s, f_t = torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 16), torch.randn(6, 16)
-    y = torch.tensor([0, 3, 6, 2, 2, 5])
-    cfg = telme.make_config("meld", alpha=0.3, beta=2.5, tau=3.0, kd_temperature=0.5)
-    cross_entropy = -torch.log_softmax(z_s, -1)[torch.arange(6), y].mean()
-    expected = cross_entropy + 0.3 * reference_dist_loss(z_s, z_t, 3.0) + 2.5 * reference_feature_kd(f_t, f_s, 0.5)
-    assert torch.allclose(telme.student_loss(z_s, f_s, z_t, f_t, y, cfg), expected, atol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Shifting fusion
-# --------------------------------------------------------------------------------------------------
-def fusion_inputs(batch=6, dim=24):
-    torch.manual_seed(3)
-    return torch.randn(batch, dim), torch.randn(batch, dim), torch.randn(batch, dim)
-
-
-@pytest.mark.parametrize("attention", ["modality", "batch"])
-def test_fusion_shapes_and_bounded_shift(attention):
-    f_t, f_a, f_v = fusion_inputs()
-    fusion = telme.ShiftingFusion(24, 7, heads=3, dropout=0.2, theta=0.1, attention=attention).eval()
-    assert fusion(f_t, f_a, f_v).shape == (6, 7)
-    lam, h = fusion.displacement(f_t, f_a, f_v)
-    assert lam.shape == (6,) and h.shape == (6, 24)
-    assert torch.all(lam * h.norm(dim=-1) <= 0.1 * f_t.norm(dim=-1) + 1e-6)
-
-
-@pytest.mark.parametrize("theta, shift_bounded", [(0.1, True), (100.0, False)])
-def test_fusion_follows_the_asf_steps_of_the_spec(theta, shift_bounded):
-    """ASF (paper, section 3.4) re-derived from the module's weights without its forward:
-    attention over the two tokens [F_A, F_V] of each utterance, A, g, H, lambda, Z and the logits."""
-    f_t, f_a, f_v = fusion_inputs()
-    batch, dim, heads = 6, 24, 3
-    m = telme.ShiftingFusion(dim, 7, heads=heads, dropout=0.2, theta=theta).eval()
-    tokens = torch.stack([f_a, f_v], dim=1)  # (B, 2, D)
-    (w_q, w_k, w_v), (b_q, b_k, b_v) = m.attention.in_proj_weight.split(dim), m.attention.in_proj_bias.split(dim)
-    q, k, v = ((tokens @ w.T + b).view(batch, 2, heads, dim // heads).transpose(1, 2)
-               for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))  # (B, heads, 2, D/heads)
-    mixed = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1) @ v
-    attended = mixed.transpose(1, 2).reshape(batch, 2, dim) @ m.attention.out_proj.weight.T + m.attention.out_proj.bias
-    n = torch.cat([f_a, f_v], dim=-1)
-    a = F.layer_norm(attended.reshape(batch, 2 * dim) + n, (2 * dim,), m.student_norm.weight, m.student_norm.bias)
-    g = torch.relu(torch.cat([a, f_t], dim=-1) @ m.gate.weight.T + m.gate.bias)
-    h = g * (a @ m.shift.weight.T + m.shift.bias)
-    lam = torch.clamp(theta * f_t.norm(dim=-1) / (h.norm(dim=-1) + 1e-6), max=1.0)
-    assert bool((lam < 1).all()) == shift_bounded and bool((lam == 1).all()) != shift_bounded
-    z = F.layer_norm(f_t + lam[:, None] * h, (dim,), m.output_norm.weight, m.output_norm.bias)
-    assert torch.allclose(m(f_t, f_a, f_v), z @ m.classifier.weight.T + m.classifier.bias, atol=1e-5)
-
-
-def test_fusion_modality_attention_is_per_sample_and_batch_attention_is_not():
-    f_t, f_a, f_v = fusion_inputs()
-    order = torch.tensor([3, 0, 5, 1, 4, 2])
-    others = [torch.randn_like(x) for x in (f_t, f_a, f_v)]  # new batch mates for sample 0
-    mates = [torch.cat([x[:1], y[1:]]) for x, y in zip((f_t, f_a, f_v), others)]
-    per_sample = telme.ShiftingFusion(24, 7, 3, 0.2, 0.1, "modality").eval()
-    out = per_sample(f_t, f_a, f_v)
-    assert torch.allclose(per_sample(f_t[order], f_a[order], f_v[order]), out[order], atol=1e-5)
-    assert torch.allclose(per_sample(*mates)[0], out[0], atol=1e-6)
-    # D2: the official 2-D input makes the batch one attention sequence. Attention without
-    # positions is permutation-equivariant, so what betrays it is that a sample's output
-    # depends on which samples share its batch.
-    across_batch = telme.ShiftingFusion(24, 7, 3, 0.2, 0.1, "batch").eval()
-    out = across_batch(f_t, f_a, f_v)
-    assert not torch.allclose(across_batch(*mates)[0], out[0], atol=1e-4)
-    assert not torch.allclose(across_batch(f_t[:1], f_a[:1], f_v[:1])[0], out[0], atol=1e-4)
-
-
-# --------------------------------------------------------------------------------------------------
-# Teacher input
+# Shared fixtures and helpers: MELD CSVs, tokenizers, media, tiny encoders, runs
 # --------------------------------------------------------------------------------------------------
 def write_meld_csv(path: Path, rows):
     """rows: (dialogue, utterance, speaker, emotion, text)."""
@@ -153,6 +35,13 @@ FIXTURE_ROWS = [(0, 0, "Ross", "joy", "hello there my friend"),
                 (1, 1, "Joey", "surprise", "how you doing")]
 
 
+def write_rows(path: Path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def bert_style_tokenizer():
     return telme.word_level_tokenizer([r[4] for r in FIXTURE_ROWS])
 
@@ -166,133 +55,6 @@ def roberta_style_tokenizer():
     return RobertaTokenizer(tokenizer_object=bpe._tokenizer)
 
 
-@pytest.fixture
-def meld_fixture(tmp_path):
-    for csv_name, _ in telme.MELD_SPLITS.values():
-        write_meld_csv(tmp_path / csv_name, FIXTURE_ROWS)
-    return tmp_path
-
-
-def test_speaker_indices_by_first_appearance_capped_at_nine():
-    assert telme.speaker_indices(["b", "a", "b", "c", "a"]) == [0, 1, 0, 2, 1]
-    assert telme.speaker_indices([str(i) for i in range(12)])[-3:] == [8, 8, 8]
-
-
-@pytest.mark.parametrize("make_tokenizer", [bert_style_tokenizer, roberta_style_tokenizer])
-def test_teacher_input_prompt_truncation_and_left_padding(meld_fixture, make_tokenizer):
-    utterances = telme.read_meld_split(meld_fixture, "train")
-    tokenizer = make_tokenizer()
-    telme.add_speaker_tokens(tokenizer)
-    ids = telme.teacher_input_ids(utterances, tokenizer, max_tokens=512)
-    text = [tokenizer.decode(i) for i in ids]
-    # Third utterance of dialogue 0: Ross is <s1> (first to speak), Rachel <s2>.
-    tokens = tokenizer.convert_ids_to_tokens(ids[2])
-    assert [t for t in tokens if t in telme.SPEAKER_TOKENS] == ["<s1>", "<s2>", "<s1>", "<s1>"]
-    assert tokens[-1] == tokenizer.mask_token and tokens.count(tokenizer.sep_token) == 1
-    assert "feels" in text[2] and "go away" in text[2] and "hello" in text[2]
-    # A new dialogue starts its own speaker list: Monica is <s1>, not an index from dialogue 0.
-    assert tokenizer.convert_ids_to_tokens(ids[3])[0] == "<s1>"
-    assert "hello" not in text[3]
-    # Truncation keeps the last tokens and the mask.
-    short = telme.teacher_input_ids(utterances, tokenizer, max_tokens=6)
-    assert all(len(s) <= 6 for s in short)
-    assert short[2] == ids[2][-6:-1] + [tokenizer.mask_token_id]
-    # Left padding: the mask is the last position of every row.
-    batch = telme.Collate(pad_id=tokenizer.pad_token_id)(
-        [{"index": i, "label": 0, "input_ids": s} for i, s in enumerate(ids)])
-    assert torch.all(batch["input_ids"][:, -1] == tokenizer.mask_token_id)
-    assert torch.all(batch["attention_mask"].sum(1) == torch.tensor([len(s) for s in ids]))
-    shortest = min(range(len(ids)), key=lambda i: len(ids[i]))
-    assert batch["input_ids"][shortest, 0] == tokenizer.pad_token_id
-
-
-def byte_level_bpe_tokenizer():
-    """A RoBERTa-style (byte-level BPE) tokenizer trained offline, whole words in its vocabulary."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizerFast
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["Oh my God!", "Yes", "feels", "Now feels", "Yes Now"] * 5, vocab_size=300,
-                            min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                                     pad_token="<pad>", mask_token="<mask>")
-    telme.add_speaker_tokens(tokenizer)
-    return tokenizer
-
-
-def test_teacher_ids_drop_the_spaces_beside_speaker_tokens_as_the_paper_teacher_read_them():
-    tokenizer = byte_level_bpe_tokenizer()
-    prompt = "<s1> Oh my God! <s2> Yes </s> Now <s2> feels"
-    expected = ["<s1>", "Oh", "Ġmy", "ĠGod", "!", "<s2>", "Yes", "Ġ", "</s>", "ĠNow", "<s2>", "feels"]
-    assert tokenizer.convert_ids_to_tokens(telme.prompt_token_ids(prompt, tokenizer)) == expected
-    # The tokenizer on the whole string keeps a space token before every later speaker token.
-    whole = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert whole != expected and whole.count("Ġ") > expected.count("Ġ")
-    # The same through teacher_input_ids, then truncated to the last tokens and the mask.
-    said = [("Ross", "Oh my God!"), ("Rachel", "Yes")]
-    utterances = [telme.Utterance("0", who, text, 0, "", "") for who, text in said]
-    full, short = (telme.teacher_input_ids(utterances, tokenizer, n)[-1] for n in (512, 5))
-    assert tokenizer.convert_ids_to_tokens(full) == expected + ["<mask>"]
-    assert tokenizer.convert_ids_to_tokens(short) == ["</s>", "ĠNow", "<s2>", "feels", "<mask>"]
-
-
-def test_teacher_ids_of_a_wordpiece_tokenizer_are_those_of_the_whole_prompt(meld_fixture):
-    utterances = telme.read_meld_split(meld_fixture, "train")
-    for tokenizer in (bert_style_tokenizer(), bert_wordpiece_tokenizer()):
-        telme.add_speaker_tokens(tokenizer)
-        ids = telme.teacher_input_ids(utterances, tokenizer, 512)
-        speakers = ["<s1>", "<s2>", "<s1>", "<s1>", "<s2>"]
-        for k, u in enumerate(utterances):
-            first = 0 if k < 3 else 3
-            history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[first:k + 1], utterances[first:k + 1]))
-            whole = tokenizer(f"{history} {tokenizer.sep_token} Now {speakers[k]} feels",
-                              add_special_tokens=False)["input_ids"]
-            assert ids[k] == whole + [tokenizer.mask_token_id]
-
-
-def bert_wordpiece_tokenizer():
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator([r[4] for r in FIXTURE_ROWS] + ["Now feels"], vocab_size=200, min_frequency=1)
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
-
-
-def test_teacher_pools_the_mask_position():
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32))
-    teacher = telme.TextTeacher(encoder, 7, 12).eval()
-    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 7]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    feature, logits = teacher(ids, mask)
-    assert feature.shape == (2, 12) and logits.shape == (2, 7)
-    # A left-padded prompt gives the same feature as the same prompt alone (positions skip the pads).
-    alone, _ = teacher(ids[:1, 2:], mask[:1, 2:])
-    assert torch.allclose(feature[:1], alone, atol=1e-5)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    hidden = encoder(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
-    assert torch.allclose(feature, teacher.project(hidden[:, -1]), atol=1e-6)
-
-
-def test_roberta_teacher_left_padding_matches_unpadded():
-    from transformers import RobertaConfig, RobertaModel
-    torch.manual_seed(0)
-    encoder = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, pad_token_id=1,
-                                         num_attention_heads=2, intermediate_size=32))
-    teacher = telme.TextTeacher(encoder, 7, 12).eval()
-    assert not teacher.explicit_positions  # RoBERTa derives positions from its padding itself
-    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 7]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    feature, _ = teacher(ids, mask)
-    assert torch.allclose(feature[:1], teacher(ids[:1, 2:], mask[:1, 2:])[0], atol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Media decoding
-# --------------------------------------------------------------------------------------------------
 def write_wav(path: Path, samples: np.ndarray, rate: int):
     """samples: (channels, n) float in [-1, 1]."""
     with wave.open(str(path), "wb") as f:
@@ -302,53 +64,46 @@ def write_wav(path: Path, samples: np.ndarray, rate: int):
         f.writeframes((samples.T * 32767).astype("<i2").tobytes())
 
 
-def test_audio_resampled_to_16k_mono_with_the_right_length_and_pitch(tmp_path):
-    rate, seconds = 22050, 1.5
-    t = np.arange(int(rate * seconds)) / rate
-    left, right = (0.5 * np.sin(2 * np.pi * pitch * t) for pitch in (1000, 3000))
-    write_wav(tmp_path / "tone.wav", np.stack([left, right]), rate)
-    waveform = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 400000)
-    assert waveform.dtype == np.float32 and waveform.ndim == 1
-    assert len(waveform) == 24000
-    # Mono is the channels' mean: each tone at half its amplitude, at its own pitch.
-    amplitude = 2 * np.abs(np.fft.rfft(waveform)) / len(waveform)  # bin k: k * 16000 / 24000 Hz
-    assert sorted(np.argsort(amplitude)[-2:] * 16000 / len(waveform)) == [1000, 3000]
-    assert np.allclose(amplitude[[1500, 4500]], 0.25, atol=0.01)
-    # Only the last max_samples are kept.
-    tail = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 1000)
-    assert np.allclose(tail, waveform[-1000:], atol=1e-6)
+def tone(seconds, rate, channels, pitch=1000.0):
+    t = np.arange(int(seconds * rate)) / rate
+    return np.stack([(0.1 + 0.05 * c) * np.sin(2 * np.pi * pitch * t) for c in range(channels)]).astype(np.float32)
 
 
-def test_frames_are_rgb_in_order_and_uniformly_spaced(tmp_path):
-    count, fps = 40, 10
+def index_frames(count):
+    """Frame k shows k in base 8: three horizontal grey bands of 32 * digit (luma codes accurately)."""
     frames = np.zeros((count, 48, 64, 3), np.uint8)
     for k in range(count):
-        frames[k, :, :, 0] = 6 * k  # red encodes the frame index
-        frames[k, :, :, 1] = 255 - 6 * k
-        frames[k, :, :, 2] = 30
-    telme.write_clip(tmp_path / "ramp.mp4", frames, fps)
-    out = telme.decode_frames(str(tmp_path / "ramp.mp4"), 8, 16)
-    assert out.shape == (8, 16, 16, 3) and out.dtype == np.uint8
-    red = out[..., 0].reshape(8, -1).mean(1)
-    recovered = np.round(red / 6).astype(int)
-    expected = [int((i + 0.5) * count / 8) for i in range(8)]  # centre of each of 8 segments
-    assert np.all(np.abs(recovered - expected) <= 0), (recovered, expected)
-    assert np.all(out[..., 2].mean() < 60)  # blue stays low: channels are RGB, not BGR
-    assert np.all(np.diff(out[..., 1].reshape(8, -1).mean(1)) < 0)
+        for band in range(3):
+            frames[k, 16 * band:16 * (band + 1)] = 32 * (k // 8 ** band % 8)
+    return frames
 
 
-def test_resize_keeps_aspect_then_centre_crops(tmp_path):
-    frames = np.zeros((4, 40, 80, 3), np.uint8)
-    frames[:, :, :20] = 255  # white left quarter; the centre crop must cut it away
-    telme.write_clip(tmp_path / "wide.mp4", frames, 4)
-    out = telme.decode_frames(str(tmp_path / "wide.mp4"), 2, 20)
-    assert out.shape == (2, 20, 20, 3)
-    assert out.mean() < 20
+def shown_indices(frames):
+    """The k of index_frames, read back from 16 x 16 frames (each band about 5 rows high)."""
+    digits = [np.round(frames[:, rows].reshape(len(frames), -1).mean(1) / 32)
+              for rows in (slice(1, 4), slice(7, 10), slice(12, 15))]
+    return (digits[0] + 8 * digits[1] + 64 * digits[2]).astype(int)
 
 
-# --------------------------------------------------------------------------------------------------
-# End to end
-# --------------------------------------------------------------------------------------------------
+# Tiny encoders shared by the end-to-end tests below (the demo's sizes).
+TINY = dict(epochs=(1, 1, 1), lr=(1e-3,), batch_size=4, max_text_tokens=48, image_size=32,
+            feature_dim=48, max_audio_samples=48000, quiet=True, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    corpus = [" ".join(telme.SYNTH_FILLER + sum(telme.SYNTH_GROUP_WORDS, []))] + [r[4] for r in FIXTURE_ROWS]
+    return telme.write_tiny_models(tmp_path_factory.mktemp("models"), corpus, TINY["feature_dim"],
+                                   TINY["image_size"], 8)
+
+
+def tiny_config(dataset, data_dir, tmp_path, models, **overrides):
+    return telme.make_config(dataset, data_dir=str(data_dir), out=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "cache"), text_model=models["text"],
+                             audio_model=models["audio"], video_model=models["video"],
+                             **{**TINY, **overrides})
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -356,47 +111,57 @@ def demo_run(tmp_path_factory):
     return out, results
 
 
-def test_eval_scores_a_run_stopped_between_the_two_students(demo_run, tmp_path):
-    """A run interrupted after the audio student (no visual student, no fusion) still evaluates:
-    the phases it has score as in the complete run."""
-    out, results = demo_run
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
-    for phase in ("visual", "fusion"):
-        telme.weights_path(run, phase).unlink()
-    partial = telme.evaluate(run, quiet=True)
-    assert list(partial) == ["teacher", "audio"]
-    for phase in partial:
-        assert partial[phase]["test_wf1"] == pytest.approx(results[phase]["test_wf1"], abs=1e-6)
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A few synthetic dialogues and tiny encoders: a whole run of 2 epochs per phase in seconds."""
+    out = tmp_path_factory.mktemp("tiny")
+    data = telme.synth(out / "data", "meld", dialogues=3, seed=7)
+    corpus = [u.text for utts in telme.load_splits(telme.make_config(data_dir=str(data))).values() for u in utts]
+    models = telme.write_tiny_models(out / "models", corpus, telme.DEMO["feature_dim"],
+                                     telme.DEMO["image_size"], 8, seed=7)
+
+    def config(name, **overrides):
+        settings = {**telme.DEMO, "epochs": (2, 2, 2), "cache_dir": str(out / "cache"), **overrides}
+        return telme.make_config("meld", data_dir=str(data), out=str(out / name),
+                                 text_model=models["text"], audio_model=models["audio"],
+                                 video_model=models["video"], quiet=True, **settings)
+    return config
 
 
-def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
-    out, results = demo_run
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
-    for m in metrics.values():
-        assert {"dev_wf1", "test_wf1", "best_epoch", "per_class", "confusion"} <= set(m)
-        assert set(m["per_class"]["test"]) == set(telme.EMOTIONS["meld"])
-        assert {"precision", "recall", "f1", "support"} == set(m["per_class"]["test"]["joy"])
-        matrix = np.array(m["confusion"]["test"])
-        assert matrix.shape == (7, 7) and matrix.sum() == sum(
-            r["support"] for r in m["per_class"]["test"].values())
-        assert m["best_epoch"] >= 1
-    assert metrics["fusion"]["test_wf1"] >= metrics["teacher"]["test_wf1"] + 5
-    config = json.loads((out / "config.json").read_text())
-    assert config["config"]["tau"] == 4.0 and "torch" in config["versions"]
-    for phase in telme.PHASES:
-        assert (out / f"{phase}.safetensors").is_file()
+def file_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_eval_recomputes_the_training_metrics(demo_run):
-    out, results = demo_run
-    log = (out / "train.log").read_text().splitlines()
-    for phase, m in results.items():  # eval's scores are the ones training logged at the best epoch
-        line = [l for l in log if l.startswith(f"[{phase:7s}] epoch {m['best_epoch']:2d}/")][0]
-        assert f"dev_wf1 {m['dev_wf1']:6.2f} test_wf1 {m['test_wf1']:6.2f}" in line
+def cli_flags(cfg) -> list[str]:
+    """The train flags that give `cfg` (those that differ from the meld preset)."""
+    preset, flags = telme.make_config("meld"), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(preset, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-"))
+        else:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return flags
 
 
+def one_line_exit(capsys, argv) -> str:
+    """telme.main(argv) stops within seconds with one line and exit status 1; returns the line."""
+    import time
+    started = time.time()
+    with pytest.raises(SystemExit) as stop:
+        telme.main(argv)
+    assert time.time() - started < 15
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code  # Python prints it, exit 1
+    assert "Traceback" not in capsys.readouterr().err
+    return stop.value.code
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and presets
+# --------------------------------------------------------------------------------------------------
 def test_config_presets_and_overrides():
     cfg = telme.make_config("iemocap", epochs=(3,), lr=(2e-5,))
     assert cfg.epochs == (3, 3, 3) and cfg.lr == (2e-5,) * 3  # one value: every phase
@@ -412,8 +177,21 @@ def test_config_presets_and_overrides():
         assert telme.config_from_args(telme.build_parser().parse_args(["train", *flags])).compile is compiled
 
 
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(epochs=(10, 10)), "--epochs takes one value or three (teacher,students,fusion), not 2"),
+    (dict(lr=(1e-5,) * 4), "--lr takes one value or three"),
+    (dict(amp="bf15"), "--amp must be one of bf16, fp16, off, not 'bf15'"),
+    (dict(heads=5), "--heads 5 does not divide the fusion's attention width 768"),
+    (dict(heads=3, feature_dim=80, compat="official"), "width 160 (--feature-dim 80, --asf-attention batch)"),
+])
+def test_bad_settings_stop_with_one_line_before_training(overrides, problem):
+    with pytest.raises(SystemExit) as stop:
+        telme.make_config("meld", **overrides)
+    assert problem in str(stop.value) and "\n" not in str(stop.value)
+
+
 # --------------------------------------------------------------------------------------------------
-# MELD as released: C1 characters, bad CSV input, the teacher without clips
+# 1. Data: MELD as released (C1 characters, bad CSV input)
 # --------------------------------------------------------------------------------------------------
 def test_meld_c1_characters_become_the_punctuation_they_stood_for(tmp_path):
     rows = [(0, 0, "Richard\x92s Date", "joy", "It\x92s \x91Kay\x92\x85 so\x97no\x96yes"),
@@ -425,13 +203,6 @@ def test_meld_c1_characters_become_the_punctuation_they_stood_for(tmp_path):
                                             "plain text, é and ’ untouched"]
     assert utterances[0].speaker == "Richard's Date"
     assert not any(0x80 <= ord(c) < 0xa0 for u in utterances for c in u.text + u.speaker)
-
-
-def write_rows(path: Path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def meld_row(n, dialogue, utterance, emotion="joy"):
@@ -477,231 +248,8 @@ def test_bad_meld_csv_is_one_line_naming_file_row_and_problem(tmp_path, case, ro
     assert str(stop.value) == f"telme: {error.value}"
 
 
-# Tiny encoders shared by the end-to-end tests below (the demo's sizes).
-TINY = dict(epochs=(1, 1, 1), lr=(1e-3,), batch_size=4, max_text_tokens=48, image_size=32,
-            feature_dim=48, max_audio_samples=48000, quiet=True, workers=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    corpus = [" ".join(telme.SYNTH_FILLER + sum(telme.SYNTH_GROUP_WORDS, []))] + [r[4] for r in FIXTURE_ROWS]
-    return telme.write_tiny_models(tmp_path_factory.mktemp("models"), corpus, TINY["feature_dim"],
-                                   TINY["image_size"], 8)
-
-
-def tiny_config(dataset, data_dir, tmp_path, models, **overrides):
-    return telme.make_config(dataset, data_dir=str(data_dir), out=str(tmp_path / "run"),
-                             cache_dir=str(tmp_path / "cache"), text_model=models["text"],
-                             audio_model=models["audio"], video_model=models["video"],
-                             **{**TINY, **overrides})
-
-
-def test_teacher_trains_on_the_csvs_alone(tmp_path, tiny_models):
-    data = tmp_path / "MELD.Raw"
-    data.mkdir()
-    for split in ("train", "dev"):
-        write_meld_csv(data / telme.MELD_SPLITS[split][0], FIXTURE_ROWS)
-    cfg = tiny_config("meld", data, tmp_path, tiny_models, strict=True)
-    metrics = telme.train(cfg, "teacher")
-    assert list(metrics) == ["teacher"] and metrics["teacher"]["best_epoch"] == 1
-    assert not any((data / folder).exists() for _, folder in telme.MELD_SPLITS.values())
-    assert not (tmp_path / "cache").exists()  # no clip was looked for
-
-
 # --------------------------------------------------------------------------------------------------
-# Faulty media: each fault written here -> a reason, a log line, a count, a missing-modality flag
-# --------------------------------------------------------------------------------------------------
-def tone(seconds, rate, channels, pitch=1000.0):
-    t = np.arange(int(seconds * rate)) / rate
-    return np.stack([(0.1 + 0.05 * c) * np.sin(2 * np.pi * pitch * t) for c in range(channels)]).astype(np.float32)
-
-
-def coloured_frames(count, colour=(200, 40, 40)):
-    return np.broadcast_to(np.array(colour, np.uint8), (count, 48, 64, 3)).copy()
-
-
-def write_fault(path: Path, fault: str):
-    """A clip of 1.5 s (12 frames at 8 fps, stereo 48 kHz) damaged as `fault` says."""
-    if fault == "missing file":
-        return
-    if fault == "a directory":
-        path.mkdir(parents=True)
-        return
-    if fault == "zero-byte file":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-        return
-    audio = {"no audio stream": None, "6-channel 48 kHz": tone(1.5, 48000, 6),
-             "silent audio": np.zeros((2, 72000), np.float32)}.get(fault, tone(1.5, 48000, 2))
-    telme.write_clip(path, coloured_frames(12), 8, audio, 48000)
-    if fault == "truncated mp4":
-        data = path.read_bytes()
-        path.write_bytes(data[:len(data) // 2])
-
-
-@pytest.mark.parametrize("fault, audio_reason, video_reason", [
-    ("truncated mp4", "cannot decode", "cannot decode"),
-    ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
-    ("missing file", "file not found", "file not found"),
-    ("a directory", "is a directory", "is a directory"),
-    ("no audio stream", "no audio stream", None),
-    ("silent audio", "audio is silent", None),
-])
-def test_each_media_fault_gives_its_reason(tmp_path, fault, audio_reason, video_reason):
-    path = tmp_path / "clip.mp4"
-    write_fault(path, fault)
-    with pytest.raises(telme.MediaError, match=audio_reason.replace("(", r"\(").replace(")", r"\)")):
-        telme.decode_audio(str(path), 16000, 400000)
-    if video_reason is None:
-        assert telme.decode_frames(str(path), 8, 16).shape == (8, 16, 16, 3)
-    else:
-        with pytest.raises(telme.MediaError) as error:
-            telme.decode_frames(str(path), 8, 16)
-        assert str(error.value).startswith(video_reason)
-
-
-def test_six_channel_48k_audio_is_mixed_down_to_16k_mono(tmp_path):
-    write_fault(tmp_path / "surround.mp4", "6-channel 48 kHz")
-    waveform = telme.decode_audio(str(tmp_path / "surround.mp4"), 16000, 400000)
-    assert waveform.ndim == 1 and abs(len(waveform) - 24000) <= 1024 // 3  # AAC pads its last frame
-    spectrum = np.abs(np.fft.rfft(waveform))
-    assert abs(np.argmax(spectrum) * 16000 / len(waveform) - 1000) < 2
-
-
-class CountingContainer:
-    """An opened media file that counts the frames decoded from each kind of stream."""
-
-    def __init__(self, container, counts):
-        self.container, self.counts = container, counts
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.container.close()
-
-    def __getattr__(self, name):
-        return getattr(self.container, name)
-
-    def decode(self, stream):
-        for frame in self.container.decode(stream):
-            self.counts[stream.type] += 1
-            yield frame
-
-
-def index_frames(count):
-    """Frame k shows k in base 8: three horizontal grey bands of 32 * digit (luma codes accurately)."""
-    frames = np.zeros((count, 48, 64, 3), np.uint8)
-    for k in range(count):
-        for band in range(3):
-            frames[k, 16 * band:16 * (band + 1)] = 32 * (k // 8 ** band % 8)
-    return frames
-
-
-def shown_indices(frames):
-    """The k of index_frames, read back from 16 x 16 frames (each band about 5 rows high)."""
-    digits = [np.round(frames[:, rows].reshape(len(frames), -1).mean(1) / 32)
-              for rows in (slice(1, 4), slice(7, 10), slice(12, 15))]
-    return (digits[0] + 8 * digits[1] + 64 * digits[2]).astype(int)
-
-
-def test_a_forty_second_clip_decodes_only_what_is_used(tmp_path, monkeypatch):
-    count, fps = 404, 10  # 40.4 s: the 8 segment centres fall inside frames, not on their edges
-    expected = [int((i + 0.5) * count / 8) for i in range(8)]
-    telme.write_clip(tmp_path / "long.mp4", index_frames(count), fps, tone(40.4, 48000, 2, 440.0), 48000)
-    telme.write_clip(tmp_path / "long.avi", index_frames(count), fps)  # DivX: a keyframe every 12 frames
-    whole = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 10 ** 9)  # reference: everything
-    counts = {"audio": 0, "video": 0}
-    real_open = telme.open_media
-    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
-    tail = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 400000)
-    assert len(tail) == 400000 and np.allclose(tail, whole[-400000:], atol=1e-4)
-    aac_frames = 40.4 * 48000 / 1024
-    assert counts["audio"] < 0.7 * aac_frames  # 25 s kept + the seek margin, not 40 s
-    for clip in ("long.mp4", "long.avi"):
-        frames = telme.decode_frames(str(tmp_path / clip), 8, 16)
-        assert list(shown_indices(frames)) == expected, clip
-    # With a keyframe every 12 frames each target costs at most 12 frames, not the whole clip.
-    counts["video"] = 0
-    telme.decode_frames(str(tmp_path / "long.avi"), 8, 16)
-    assert counts["video"] <= 8 * 12 < count
-
-
-def test_a_window_of_a_dialogue_video_is_reached_by_seeking(tmp_path, monkeypatch):
-    count, fps = 400, 10
-    telme.write_clip(tmp_path / "dialogue.avi", index_frames(count), fps)
-    counts = {"audio": 0, "video": 0}
-    real_open = telme.open_media
-    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
-    start, end = 30.05, 33.25  # frames 300..332
-    frames = telme.decode_frames(str(tmp_path / "dialogue.avi"), 8, 16, start, end)
-    expected = [int((start + (i + 0.5) * (end - start) / 8) * fps) for i in range(8)]
-    assert list(shown_indices(frames)) == expected
-    assert counts["video"] <= (end - start) * fps + 12  # the window and one keyframe interval
-
-
-MELD_FAULTS = ["good", "truncated mp4", "zero-byte file", "missing file", "no audio stream", "6-channel 48 kHz"]
-
-
-@pytest.fixture
-def faulty_meld(tmp_path):
-    data = tmp_path / "MELD.Raw"
-    rows = [(0, u, "Ross" if u % 2 else "Rachel", telme.EMOTIONS["meld"][u], "okay so") for u in range(6)]
-    for split in ("train", "dev"):
-        csv_name, clip_dir = telme.MELD_SPLITS[split]
-        data.mkdir(exist_ok=True)
-        write_meld_csv(data / csv_name, rows)
-        for u, fault in enumerate(MELD_FAULTS):
-            write_fault(data / clip_dir / f"dia0_utt{u}.mp4", fault)
-    return data
-
-
-def test_media_faults_are_logged_counted_and_become_zeros(tmp_path, faulty_meld, capsys):
-    cfg = telme.make_config("meld", data_dir=str(faulty_meld), cache_dir=str(tmp_path / "cache"),
-                            workers=1, quiet=True)
-    splits = telme.load_splits(cfg)
-    for attempt in ("decoding", "cached"):  # faults found earlier are reported again
-        media = telme.prepare_media(cfg, splits)
-        lines = capsys.readouterr().out.splitlines()
-        faults = [line for line in lines if line.startswith("media fault: ")]
-        assert len(faults) == 2 * 4, attempt  # one line per faulty utterance, both splits
-        for u in range(1, 5):  # the four faulty clips of MELD_FAULTS[1:5]
-            line = [f for f in faults if f"train_splits/dia0_utt{u}.mp4: " in f]
-            assert len(line) == 1
-        assert "file not found (audio and video replaced by zeros)" in "\n".join(faults)
-        assert "no audio stream (audio replaced by zeros)" in "\n".join(faults)
-        assert "14 faults (audio 8, video 6)" in lines[-1]
-    batch = telme.make_collate(cfg)([telme.UtteranceDataset(splits["train"], media=media,
-                                                            kinds=("audio", "video"))[i] for i in range(6)])
-    assert batch["audio"][1:5].abs().sum() == 0 and batch["audio"][[0, 5]].abs().sum() > 0
-    assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
-
-
-def test_strict_stops_before_training(tmp_path, faulty_meld, tiny_models, capsys):
-    args = ["--dataset", "meld", "--data-dir", str(faulty_meld), "--cache-dir", str(tmp_path / "cache"),
-            "--workers", "1", "--quiet", "--strict"]
-    models = ["--audio-model", tiny_models["audio"], "--video-model", tiny_models["video"]]
-    with pytest.raises(SystemExit) as stop:
-        telme.main(["train", *args, *models, "--text-model", tiny_models["text"], "--out", str(tmp_path / "run")])
-    assert "14 media faults" in str(stop.value) and "--strict" in str(stop.value)
-    assert not (tmp_path / "run").exists()  # nothing written: the media are checked first
-    with pytest.raises(SystemExit):
-        telme.main(["prepare", *args])
-
-
-def test_training_with_faulty_media_scores_every_utterance(tmp_path, faulty_meld, tiny_models):
-    cfg = tiny_config("meld", faulty_meld, tmp_path, tiny_models, batch_size=3)
-    metrics = telme.train(cfg)
-    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
-    splits = telme.load_splits(cfg)
-    for phase in telme.PHASES:  # the dev utterances with faulty clips are scored too, with zeros
-        assert list(metrics[phase]["per_class"]) == ["dev"]  # this dataset has no test split
-        support = sum(c["support"] for c in metrics[phase]["per_class"]["dev"].values())
-        assert support == len(splits["dev"]), phase
-
-
-# --------------------------------------------------------------------------------------------------
-# IEMOCAP from its raw release tree and from the official split CSVs
+# 1. Data: IEMOCAP from its raw release tree and from the official split CSVs
 # --------------------------------------------------------------------------------------------------
 def write_iemocap_dialogue(root: Path, session: str, dialog: str, turns, divx="DivX", extra_lines=()):
     """turns: (turn suffix, start, end, label, text), written in the given order."""
@@ -868,108 +416,692 @@ def test_iemocap_synth_then_train_runs_end_to_end(iemocap_synth, tmp_path, tiny_
 
 
 # --------------------------------------------------------------------------------------------------
-# Using a run: predict, report.md, resume
+# 1. Data: teacher input
 # --------------------------------------------------------------------------------------------------
-def run_predict(capsys, *args):
-    capsys.readouterr()  # only what predict prints
-    telme.main(["predict", *map(str, args)])
-    return capsys.readouterr().out
+@pytest.fixture
+def meld_fixture(tmp_path):
+    for csv_name, _ in telme.MELD_SPLITS.values():
+        write_meld_csv(tmp_path / csv_name, FIXTURE_ROWS)
+    return tmp_path
 
 
-def test_predict_gives_eval_probabilities_for_the_same_utterance_and_history(demo_run, tmp_path, capsys):
-    out, _ = demo_run
-    run = out
-    cfg = telme.read_run_config(run)
-    test = telme.load_splits(cfg)["test"]
-    dialogue = telme.dialogues(test)[1]
-    k = 2  # the third utterance: two turns of history
-    (tmp_path / "history.txt").write_text("".join(f"{u.speaker}: {u.text}\n" for u in dialogue[:k]))
-    u = dialogue[k]
-    result = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text,
-                                    "--history", tmp_path / "history.txt", "--speaker", u.speaker,
-                                    "--all-phases", "--json"))
-    outputs = telme.eval_outputs(run, cfg, telme.make_runtime(cfg), {"test": test})["test"]
-    row = test.index(u)
-    assert result["model"] == "fusion" and result["missing"] == {}
-    assert list(result["phases"]) == list(telme.PHASES)
-    # Eval runs batches of several clips, predict a batch of one. Text and video do not depend on
-    # their batch mates; data2vec-audio's stacked positional convolutions see the zeros that pad a
-    # shorter clip in its batch, which moves the audio (and so the fusion) probabilities by ~1e-4.
-    tolerance = {"teacher": 1e-5, "visual": 1e-5, "audio": 2e-3, "fusion": 2e-3}
-    for phase in telme.PHASES:
-        expected = F.softmax(outputs[f"z_{phase}"][row], -1)
-        got = torch.tensor(list(result["phases"][phase]["probabilities"].values()))
-        assert torch.allclose(got, expected, atol=tolerance[phase]), (phase, got - expected)
-        top2 = expected.topk(2).values
-        if top2[0] - top2[1] > 2 * tolerance[phase]:  # the class, unless a near tie
-            assert result["phases"][phase]["prediction"] == telme.EMOTIONS["meld"][int(expected.argmax())]
-    assert result["prediction"] == result["phases"]["fusion"]["prediction"]
-    # Without the history the teacher's prompt, hence its probabilities, change.
-    alone = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text, "--json"))
-    assert alone["probabilities"] != result["probabilities"]
+def test_speaker_indices_by_first_appearance_capped_at_nine():
+    assert telme.speaker_indices(["b", "a", "b", "c", "a"]) == [0, 1, 0, 2, 1]
+    assert telme.speaker_indices([str(i) for i in range(12)])[-3:] == [8, 8, 8]
 
 
-def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, capsys):
-    out, _ = demo_run
-    run = out
-    text, frames, audio = telme.synth_utterance(3, 7, __import__("random").Random(5))
-    telme.write_clip(tmp_path / "silent.avi", frames, telme.SYNTH_FPS)  # video stream only
-    write_wav(tmp_path / "voice.wav", audio, telme.SYNTH_AUDIO_RATE)
-    table = run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi", "--text", text)
-    assert "audio missing" in table and "no audio stream" in table and "visual" not in table
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "class" not in line]
-    assert len(rows) == 7 and abs(sum(float(r.split("|")[2]) for r in rows) - 1) < 1e-3
-    both = json.loads(run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi",
-                                  "--audio", tmp_path / "voice.wav", "--text", text, "--json"))
-    assert both["missing"] == {} and list(both["phases"]) == ["fusion"]
-    text_only = json.loads(run_predict(capsys, "--run", run, "--text", text, "--json"))
-    assert set(text_only["missing"]) == {"audio", "video"}
-    assert text_only["prediction"] in telme.EMOTIONS["meld"]
-    (tmp_path / "bad.txt").write_text("Ross: hi\nno colon here\n")
-    with pytest.raises(SystemExit, match=r"bad.txt:2: expected 'Speaker: utterance'"):
-        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "bad.txt")
-    (tmp_path / "latin1.txt").write_bytes("Ross: café\n".encode("latin-1"))
-    with pytest.raises(SystemExit, match=r"latin1.txt: not UTF-8 text$"):
-        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
+@pytest.mark.parametrize("make_tokenizer", [bert_style_tokenizer, roberta_style_tokenizer])
+def test_teacher_input_prompt_truncation_and_left_padding(meld_fixture, make_tokenizer):
+    utterances = telme.read_meld_split(meld_fixture, "train")
+    tokenizer = make_tokenizer()
+    telme.add_speaker_tokens(tokenizer)
+    ids = telme.teacher_input_ids(utterances, tokenizer, max_tokens=512)
+    text = [tokenizer.decode(i) for i in ids]
+    # Third utterance of dialogue 0: Ross is <s1> (first to speak), Rachel <s2>.
+    tokens = tokenizer.convert_ids_to_tokens(ids[2])
+    assert [t for t in tokens if t in telme.SPEAKER_TOKENS] == ["<s1>", "<s2>", "<s1>", "<s1>"]
+    assert tokens[-1] == tokenizer.mask_token and tokens.count(tokenizer.sep_token) == 1
+    assert "feels" in text[2] and "go away" in text[2] and "hello" in text[2]
+    # A new dialogue starts its own speaker list: Monica is <s1>, not an index from dialogue 0.
+    assert tokenizer.convert_ids_to_tokens(ids[3])[0] == "<s1>"
+    assert "hello" not in text[3]
+    # Truncation keeps the last tokens and the mask.
+    short = telme.teacher_input_ids(utterances, tokenizer, max_tokens=6)
+    assert all(len(s) <= 6 for s in short)
+    assert short[2] == ids[2][-6:-1] + [tokenizer.mask_token_id]
+    # Left padding: the mask is the last position of every row.
+    batch = telme.Collate(pad_id=tokenizer.pad_token_id)(
+        [{"index": i, "label": 0, "input_ids": s} for i, s in enumerate(ids)])
+    assert torch.all(batch["input_ids"][:, -1] == tokenizer.mask_token_id)
+    assert torch.all(batch["attention_mask"].sum(1) == torch.tensor([len(s) for s in ids]))
+    shortest = min(range(len(ids)), key=lambda i: len(ids[i]))
+    assert batch["input_ids"][shortest, 0] == tokenizer.pad_token_id
 
 
-def test_predict_stops_on_what_it_cannot_read_unless_zeros_are_asked_for(demo_run, tmp_path, capsys):
-    out, _ = demo_run
-    clip = Path(telme.load_splits(telme.read_run_config(out))["test"][0].video)
-    bad = {"truncated": clip.read_bytes()[:len(clip.read_bytes()) // 3], "empty": b"", "text": b"not a video\n"}
-    for name, data in bad.items():
-        (tmp_path / f"{name}.mp4").write_bytes(data)
-    (tmp_path / "folder.mp4").mkdir()
-    for name, problem in (("truncated", "cannot decode"), ("empty", "empty file (0 bytes)"),
-                          ("text", "cannot decode"), ("folder", "is a directory")):
-        line = one_line_exit(capsys, ["predict", "--run", str(out), "--text", "Hi", "--video", str(tmp_path / f"{name}.mp4")])
-        assert line.startswith(f"telme: {tmp_path / name}.mp4: ") and problem in line, line
-    assert "is empty" in one_line_exit(capsys, ["predict", "--run", str(out), "--text", " ", "--video", str(clip)])
-    zeros = json.loads(run_predict(capsys, "--run", out, "--text", "Hi", "--video", tmp_path / "text.mp4",
-                                   "--missing-as-zeros", "--json"))
-    assert set(zeros["missing"]) == {"audio", "video"} and zeros["prediction"] in telme.EMOTIONS["meld"]
-    # The Python entry point: a run loaded once, many utterances.
-    model = telme.Predictor(out)
-    assert model.predict("Hi", video=str(clip))["probabilities"] == json.loads(run_predict(
-        capsys, "--run", out, "--text", "Hi", "--video", clip, "--json"))["probabilities"]
+def byte_level_bpe_tokenizer():
+    """A RoBERTa-style (byte-level BPE) tokenizer trained offline, whole words in its vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Oh my God!", "Yes", "feels", "Now feels", "Yes Now"] * 5, vocab_size=300,
+                            min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                     pad_token="<pad>", mask_token="<mask>")
+    telme.add_speaker_tokens(tokenizer)
+    return tokenizer
 
 
-def test_predict_csv_gives_eval_predictions_with_or_without_labels(demo_run, tmp_path, capsys):
-    out, _ = demo_run
-    data = Path(telme.read_run_config(out).data_dir)
-    test_csv, clips = (data / name for name in telme.MELD_SPLITS["test"])
-    rows = list(csv.DictReader(test_csv.open()))
-    write_rows(tmp_path / "mine.csv", [c for c in rows[0] if c != "Emotion"],
-               [[r[c] for c in rows[0] if c != "Emotion"] for r in rows])
-    telme.main(["predict", "--run", str(out), "--csv", str(test_csv), "--clips", str(clips),
-                "--out", str(tmp_path / "labelled.csv")])
-    telme.main(["predict", "--run", str(out), "--csv", str(tmp_path / "mine.csv"), "--clips", str(clips),
-                "--out", str(tmp_path / "unlabelled.csv")])
-    evaluated = [r for r in csv.DictReader((out / "predictions.csv").open()) if r["split"] == "test"]
-    for name in ("labelled", "unlabelled"):
-        got = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
-        assert [r["fusion_prediction"] for r in got] == [r["fusion_prediction"] for r in evaluated]
-        assert [r["label"] for r in got] == ([r["label"] for r in evaluated] if name == "labelled" else [""] * len(got))
+def test_teacher_ids_drop_the_spaces_beside_speaker_tokens_as_the_paper_teacher_read_them():
+    tokenizer = byte_level_bpe_tokenizer()
+    prompt = "<s1> Oh my God! <s2> Yes </s> Now <s2> feels"
+    expected = ["<s1>", "Oh", "Ġmy", "ĠGod", "!", "<s2>", "Yes", "Ġ", "</s>", "ĠNow", "<s2>", "feels"]
+    assert tokenizer.convert_ids_to_tokens(telme.prompt_token_ids(prompt, tokenizer)) == expected
+    # The tokenizer on the whole string keeps a space token before every later speaker token.
+    whole = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert whole != expected and whole.count("Ġ") > expected.count("Ġ")
+    # The same through teacher_input_ids, then truncated to the last tokens and the mask.
+    said = [("Ross", "Oh my God!"), ("Rachel", "Yes")]
+    utterances = [telme.Utterance("0", who, text, 0, "", "") for who, text in said]
+    full, short = (telme.teacher_input_ids(utterances, tokenizer, n)[-1] for n in (512, 5))
+    assert tokenizer.convert_ids_to_tokens(full) == expected + ["<mask>"]
+    assert tokenizer.convert_ids_to_tokens(short) == ["</s>", "ĠNow", "<s2>", "feels", "<mask>"]
+
+
+def test_teacher_ids_of_a_wordpiece_tokenizer_are_those_of_the_whole_prompt(meld_fixture):
+    utterances = telme.read_meld_split(meld_fixture, "train")
+    for tokenizer in (bert_style_tokenizer(), bert_wordpiece_tokenizer()):
+        telme.add_speaker_tokens(tokenizer)
+        ids = telme.teacher_input_ids(utterances, tokenizer, 512)
+        speakers = ["<s1>", "<s2>", "<s1>", "<s1>", "<s2>"]
+        for k, u in enumerate(utterances):
+            first = 0 if k < 3 else 3
+            history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[first:k + 1], utterances[first:k + 1]))
+            whole = tokenizer(f"{history} {tokenizer.sep_token} Now {speakers[k]} feels",
+                              add_special_tokens=False)["input_ids"]
+            assert ids[k] == whole + [tokenizer.mask_token_id]
+
+
+def bert_wordpiece_tokenizer():
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator([r[4] for r in FIXTURE_ROWS] + ["Now feels"], vocab_size=200, min_frequency=1)
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
+                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data: media decoding; faulty media -> a reason, a log line, a count, a missing-modality flag
+# --------------------------------------------------------------------------------------------------
+def test_audio_resampled_to_16k_mono_with_the_right_length_and_pitch(tmp_path):
+    rate, seconds = 22050, 1.5
+    t = np.arange(int(rate * seconds)) / rate
+    left, right = (0.5 * np.sin(2 * np.pi * pitch * t) for pitch in (1000, 3000))
+    write_wav(tmp_path / "tone.wav", np.stack([left, right]), rate)
+    waveform = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 400000)
+    assert waveform.dtype == np.float32 and waveform.ndim == 1
+    assert len(waveform) == 24000
+    # Mono is the channels' mean: each tone at half its amplitude, at its own pitch.
+    amplitude = 2 * np.abs(np.fft.rfft(waveform)) / len(waveform)  # bin k: k * 16000 / 24000 Hz
+    assert sorted(np.argsort(amplitude)[-2:] * 16000 / len(waveform)) == [1000, 3000]
+    assert np.allclose(amplitude[[1500, 4500]], 0.25, atol=0.01)
+    # Only the last max_samples are kept.
+    tail = telme.decode_audio(str(tmp_path / "tone.wav"), 16000, 1000)
+    assert np.allclose(tail, waveform[-1000:], atol=1e-6)
+
+
+def test_frames_are_rgb_in_order_and_uniformly_spaced(tmp_path):
+    count, fps = 40, 10
+    frames = np.zeros((count, 48, 64, 3), np.uint8)
+    for k in range(count):
+        frames[k, :, :, 0] = 6 * k  # red encodes the frame index
+        frames[k, :, :, 1] = 255 - 6 * k
+        frames[k, :, :, 2] = 30
+    telme.write_clip(tmp_path / "ramp.mp4", frames, fps)
+    out = telme.decode_frames(str(tmp_path / "ramp.mp4"), 8, 16)
+    assert out.shape == (8, 16, 16, 3) and out.dtype == np.uint8
+    red = out[..., 0].reshape(8, -1).mean(1)
+    recovered = np.round(red / 6).astype(int)
+    expected = [int((i + 0.5) * count / 8) for i in range(8)]  # centre of each of 8 segments
+    assert np.all(np.abs(recovered - expected) <= 0), (recovered, expected)
+    assert np.all(out[..., 2].mean() < 60)  # blue stays low: channels are RGB, not BGR
+    assert np.all(np.diff(out[..., 1].reshape(8, -1).mean(1)) < 0)
+
+
+def test_resize_keeps_aspect_then_centre_crops(tmp_path):
+    frames = np.zeros((4, 40, 80, 3), np.uint8)
+    frames[:, :, :20] = 255  # white left quarter; the centre crop must cut it away
+    telme.write_clip(tmp_path / "wide.mp4", frames, 4)
+    out = telme.decode_frames(str(tmp_path / "wide.mp4"), 2, 20)
+    assert out.shape == (2, 20, 20, 3)
+    assert out.mean() < 20
+
+
+def coloured_frames(count, colour=(200, 40, 40)):
+    return np.broadcast_to(np.array(colour, np.uint8), (count, 48, 64, 3)).copy()
+
+
+def write_fault(path: Path, fault: str):
+    """A clip of 1.5 s (12 frames at 8 fps, stereo 48 kHz) damaged as `fault` says."""
+    if fault == "missing file":
+        return
+    if fault == "a directory":
+        path.mkdir(parents=True)
+        return
+    if fault == "zero-byte file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return
+    audio = {"no audio stream": None, "6-channel 48 kHz": tone(1.5, 48000, 6),
+             "silent audio": np.zeros((2, 72000), np.float32)}.get(fault, tone(1.5, 48000, 2))
+    telme.write_clip(path, coloured_frames(12), 8, audio, 48000)
+    if fault == "truncated mp4":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("fault, audio_reason, video_reason", [
+    ("truncated mp4", "cannot decode", "cannot decode"),
+    ("zero-byte file", "empty file (0 bytes)", "empty file (0 bytes)"),
+    ("missing file", "file not found", "file not found"),
+    ("a directory", "is a directory", "is a directory"),
+    ("no audio stream", "no audio stream", None),
+    ("silent audio", "audio is silent", None),
+])
+def test_each_media_fault_gives_its_reason(tmp_path, fault, audio_reason, video_reason):
+    path = tmp_path / "clip.mp4"
+    write_fault(path, fault)
+    with pytest.raises(telme.MediaError, match=audio_reason.replace("(", r"\(").replace(")", r"\)")):
+        telme.decode_audio(str(path), 16000, 400000)
+    if video_reason is None:
+        assert telme.decode_frames(str(path), 8, 16).shape == (8, 16, 16, 3)
+    else:
+        with pytest.raises(telme.MediaError) as error:
+            telme.decode_frames(str(path), 8, 16)
+        assert str(error.value).startswith(video_reason)
+
+
+def test_six_channel_48k_audio_is_mixed_down_to_16k_mono(tmp_path):
+    write_fault(tmp_path / "surround.mp4", "6-channel 48 kHz")
+    waveform = telme.decode_audio(str(tmp_path / "surround.mp4"), 16000, 400000)
+    assert waveform.ndim == 1 and abs(len(waveform) - 24000) <= 1024 // 3  # AAC pads its last frame
+    spectrum = np.abs(np.fft.rfft(waveform))
+    assert abs(np.argmax(spectrum) * 16000 / len(waveform) - 1000) < 2
+
+
+class CountingContainer:
+    """An opened media file that counts the frames decoded from each kind of stream."""
+
+    def __init__(self, container, counts):
+        self.container, self.counts = container, counts
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def decode(self, stream):
+        for frame in self.container.decode(stream):
+            self.counts[stream.type] += 1
+            yield frame
+
+
+def test_a_forty_second_clip_decodes_only_what_is_used(tmp_path, monkeypatch):
+    count, fps = 404, 10  # 40.4 s: the 8 segment centres fall inside frames, not on their edges
+    expected = [int((i + 0.5) * count / 8) for i in range(8)]
+    telme.write_clip(tmp_path / "long.mp4", index_frames(count), fps, tone(40.4, 48000, 2, 440.0), 48000)
+    telme.write_clip(tmp_path / "long.avi", index_frames(count), fps)  # DivX: a keyframe every 12 frames
+    whole = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 10 ** 9)  # reference: everything
+    counts = {"audio": 0, "video": 0}
+    real_open = telme.open_media
+    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    tail = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 400000)
+    assert len(tail) == 400000 and np.allclose(tail, whole[-400000:], atol=1e-4)
+    aac_frames = 40.4 * 48000 / 1024
+    assert counts["audio"] < 0.7 * aac_frames  # 25 s kept + the seek margin, not 40 s
+    for clip in ("long.mp4", "long.avi"):
+        frames = telme.decode_frames(str(tmp_path / clip), 8, 16)
+        assert list(shown_indices(frames)) == expected, clip
+    # With a keyframe every 12 frames each target costs at most 12 frames, not the whole clip.
+    counts["video"] = 0
+    telme.decode_frames(str(tmp_path / "long.avi"), 8, 16)
+    assert counts["video"] <= 8 * 12 < count
+
+
+def test_a_window_of_a_dialogue_video_is_reached_by_seeking(tmp_path, monkeypatch):
+    count, fps = 400, 10
+    telme.write_clip(tmp_path / "dialogue.avi", index_frames(count), fps)
+    counts = {"audio": 0, "video": 0}
+    real_open = telme.open_media
+    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    start, end = 30.05, 33.25  # frames 300..332
+    frames = telme.decode_frames(str(tmp_path / "dialogue.avi"), 8, 16, start, end)
+    expected = [int((start + (i + 0.5) * (end - start) / 8) * fps) for i in range(8)]
+    assert list(shown_indices(frames)) == expected
+    assert counts["video"] <= (end - start) * fps + 12  # the window and one keyframe interval
+
+
+MELD_FAULTS = ["good", "truncated mp4", "zero-byte file", "missing file", "no audio stream", "6-channel 48 kHz"]
+
+
+@pytest.fixture
+def faulty_meld(tmp_path):
+    data = tmp_path / "MELD.Raw"
+    rows = [(0, u, "Ross" if u % 2 else "Rachel", telme.EMOTIONS["meld"][u], "okay so") for u in range(6)]
+    for split in ("train", "dev"):
+        csv_name, clip_dir = telme.MELD_SPLITS[split]
+        data.mkdir(exist_ok=True)
+        write_meld_csv(data / csv_name, rows)
+        for u, fault in enumerate(MELD_FAULTS):
+            write_fault(data / clip_dir / f"dia0_utt{u}.mp4", fault)
+    return data
+
+
+def test_media_faults_are_logged_counted_and_become_zeros(tmp_path, faulty_meld, capsys):
+    cfg = telme.make_config("meld", data_dir=str(faulty_meld), cache_dir=str(tmp_path / "cache"),
+                            workers=1, quiet=True)
+    splits = telme.load_splits(cfg)
+    for attempt in ("decoding", "cached"):  # faults found earlier are reported again
+        media = telme.prepare_media(cfg, splits)
+        lines = capsys.readouterr().out.splitlines()
+        faults = [line for line in lines if line.startswith("media fault: ")]
+        assert len(faults) == 2 * 4, attempt  # one line per faulty utterance, both splits
+        for u in range(1, 5):  # the four faulty clips of MELD_FAULTS[1:5]
+            line = [f for f in faults if f"train_splits/dia0_utt{u}.mp4: " in f]
+            assert len(line) == 1
+        assert "file not found (audio and video replaced by zeros)" in "\n".join(faults)
+        assert "no audio stream (audio replaced by zeros)" in "\n".join(faults)
+        assert "14 faults (audio 8, video 6)" in lines[-1]
+    batch = telme.make_collate(cfg)([telme.UtteranceDataset(splits["train"], media=media,
+                                                            kinds=("audio", "video"))[i] for i in range(6)])
+    assert batch["audio"][1:5].abs().sum() == 0 and batch["audio"][[0, 5]].abs().sum() > 0
+    assert batch["video"][1:4].abs().sum() == 0 and batch["video"][[0, 4, 5]].abs().sum() > 0
+
+
+def test_strict_stops_before_training(tmp_path, faulty_meld, tiny_models, capsys):
+    args = ["--dataset", "meld", "--data-dir", str(faulty_meld), "--cache-dir", str(tmp_path / "cache"),
+            "--workers", "1", "--quiet", "--strict"]
+    models = ["--audio-model", tiny_models["audio"], "--video-model", tiny_models["video"]]
+    with pytest.raises(SystemExit) as stop:
+        telme.main(["train", *args, *models, "--text-model", tiny_models["text"], "--out", str(tmp_path / "run")])
+    assert "14 media faults" in str(stop.value) and "--strict" in str(stop.value)
+    assert not (tmp_path / "run").exists()  # nothing written: the media are checked first
+    with pytest.raises(SystemExit):
+        telme.main(["prepare", *args])
+
+
+def test_training_with_faulty_media_scores_every_utterance(tmp_path, faulty_meld, tiny_models):
+    cfg = tiny_config("meld", faulty_meld, tmp_path, tiny_models, batch_size=3)
+    metrics = telme.train(cfg)
+    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
+    splits = telme.load_splits(cfg)
+    for phase in telme.PHASES:  # the dev utterances with faulty clips are scored too, with zeros
+        assert list(metrics[phase]["per_class"]) == ["dev"]  # this dataset has no test split
+        support = sum(c["support"] for c in metrics[phase]["per_class"]["dev"].values())
+        assert support == len(splits["dev"]), phase
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data: media cache: decode once, resume, invalidate one entry, identical to decoding on the fly
+# --------------------------------------------------------------------------------------------------
+def tiny_clips(folder: Path, count: int, seed: int = 0) -> list:
+    """`count` one-second clips (64x48 video, 48 kHz stereo audio), one utterance each."""
+    rng = np.random.default_rng(seed)
+    utterances = []
+    for i in range(count):
+        frames = rng.integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)
+        tone = np.sin(2 * np.pi * rng.uniform(200, 2000) * np.arange(48000) / 48000)
+        path = folder / f"dia{i}_utt0.mp4"
+        telme.write_clip(path, frames, 8, np.stack([tone, tone]).astype(np.float32))
+        utterances.append(telme.Utterance(str(i), "A", "", 0, str(path), str(path)))
+    return utterances
+
+
+def cache_files(root: Path) -> dict:
+    """Every file under the cache (temporaries included), relative path -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_clip_or_setting_invalidates_only_its_own_entries(tmp_path):
+    utterances = tiny_clips(tmp_path / "clips", 3)
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
+    media = telme.MediaCache(cfg)
+    assert media.prepare(utterances, workers=1, quiet=True)["decoded"] == 6
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")}
+    old_frames = np.array(media.load("video", utterances[1]))
+    # Clip 1 is rewritten (new content, new size and mtime); clips 0 and 2 are untouched.
+    replacement = tiny_clips(tmp_path / "other", 2, seed=7)[1]
+    Path(utterances[1].video).write_bytes(Path(replacement.video).read_bytes())
+    jobs = media.missing_jobs(utterances)
+    assert [[(kind, path) for kind, path, *_ in job] for job in jobs] == [
+        [("audio", utterances[1].audio), ("video", utterances[1].video)]]
+    counts = media.prepare(utterances, workers=1, quiet=True)
+    assert (counts["cached"], counts["decoded"], counts["clips"]) == (4, 2, 1)
+    for path, mtime in before.items():  # nothing already cached was written again
+        assert path.stat().st_mtime_ns == mtime
+    assert not np.array_equal(media.load("video", utterances[1]), old_frames)
+    # A changed decoding setting re-decodes the entries it concerns, here the video ones only.
+    fewer_frames = telme.MediaCache(telme.make_config("meld", cache_dir=cfg.cache_dir, image_size=16,
+                                                      num_frames=2))
+    assert [[kind for kind, *_ in job] for job in fewer_frames.missing_jobs(utterances)] == [["video"]] * 3
+
+
+def test_cached_reads_are_memory_mapped_equal_the_decoder_and_open_no_media(tmp_path, monkeypatch):
+    utterances = tiny_clips(tmp_path / "clips", 2)
+    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
+    media = telme.MediaCache(cfg)
+    media.prepare(utterances, workers=1, quiet=True)
+    expected = {(kind, i): telme.decode_media(kind, u.video, None, None, media.settings[kind])
+                for kind in ("audio", "video") for i, u in enumerate(utterances)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a cached read opened {args[0]}")
+
+    monkeypatch.setattr(telme.av, "open", refuse)
+    dataset = telme.UtteranceDataset(utterances, media=media, kinds=("audio", "video"))
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for kind in ("audio", "video"):
+            assert isinstance(item[kind], np.memmap)
+            assert item[kind].dtype == expected[kind, i].dtype
+            assert np.array_equal(item[kind], expected[kind, i])
+    assert expected["audio", 0].dtype == np.float16 and expected["video", 0].shape == (4, 16, 16, 3)
+    batch = telme.Collate(num_frames=4, image_size=16)([dataset[0], dataset[1]])
+    assert batch["video"].shape == (2, 4, 3, 16, 16) and batch["audio"].abs().sum(1).min() > 0
+
+
+KILLED_PREPARE = """
+import json, os, signal, sys
+import numpy
+import telme
+real_save, calls = numpy.save, []
+def save(f, array):  # the fourth entry: half written, then the process is killed
+    calls.append(1)
+    if len(calls) == 4:
+        f.write(b"\\x93NUMPY partial")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(f, array)
+numpy.save = save
+paths, cache_dir = json.loads(sys.argv[1]), sys.argv[2]
+utterances = [telme.Utterance(str(i), "A", "", 0, p, p) for i, p in enumerate(paths)]
+telme.MediaCache(telme.make_config("meld", cache_dir=cache_dir, image_size=16, num_frames=4)).prepare(
+    utterances, workers=1, quiet=True)
+"""
+
+
+def test_a_prepare_killed_part_way_resumes_to_the_same_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+    utterances = tiny_clips(tmp_path / "clips", 4)
+    settings = dict(image_size=16, num_frames=4)
+    reference = tmp_path / "reference"
+    telme.MediaCache(telme.make_config("meld", cache_dir=str(reference), **settings)).prepare(
+        utterances, workers=1, quiet=True)
+    cache = tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", KILLED_PREPARE, json.dumps([u.video for u in utterances]),
+                             str(cache)], cwd=Path(telme.__file__).parent, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    left = cache_files(cache)
+    temporaries = [p for p in cache.rglob(".*") if p.is_file()]
+    assert len([p for p in left if p.endswith(".npy")]) == 3 and len(temporaries) == 1
+    # The half-written entry is not taken for an entry; it is swept once stale.
+    stale = os.stat(temporaries[0]).st_mtime - telme.STALE_TEMPORARY_SECONDS - 1
+    os.utime(temporaries[0], (stale, stale))
+    counts = telme.MediaCache(telme.make_config("meld", cache_dir=str(cache), **settings)).prepare(
+        utterances, workers=1, quiet=True)
+    assert (counts["cached"], counts["decoded"]) == (3, 5)
+    assert cache_files(cache) == cache_files(reference)
+
+
+def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, tiny_models):
+    """One epoch per phase on a tiny synthetic set: once through the media cache, once decoding
+    every clip each time it is read (nothing written to disk); the metrics must be identical."""
+    data = telme.synth(tmp_path / "data", dialogues=2, seed=1)
+
+    def run(name):
+        cfg = tiny_config("meld", data, tmp_path, tiny_models, max_audio_samples=16000)
+        return telme.train(dataclasses.replace(cfg, out=str(tmp_path / name),
+                                               cache_dir=str(tmp_path / f"cache-{name}")))
+
+    cached = run("cached")
+    assert any((tmp_path / "cache-cached").rglob("*.npy"))
+
+    def decode_on_the_fly(self, kind, u):
+        path, start, end = (u.audio, None, None) if kind == "audio" else (u.video, u.start, u.end)
+        return telme.decode_media(kind, path, start, end, self.settings[kind])
+
+    monkeypatch.setattr(telme.MediaCache, "prepare", lambda self, *args, **kwargs: dict(
+        cached=0, decoded=0, clips=0, workers=0, seconds=0.0))
+    monkeypatch.setattr(telme.MediaCache, "load", decode_on_the_fly)
+    uncached = run("uncached")
+    assert not (tmp_path / "cache-uncached").exists()
+    assert list(cached) == list(telme.PHASES)
+    assert uncached == cached
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Encoders
+# --------------------------------------------------------------------------------------------------
+def test_teacher_pools_the_mask_position():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32))
+    teacher = telme.TextTeacher(encoder, 7, 12).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    feature, logits = teacher(ids, mask)
+    assert feature.shape == (2, 12) and logits.shape == (2, 7)
+    # A left-padded prompt gives the same feature as the same prompt alone (positions skip the pads).
+    alone, _ = teacher(ids[:1, 2:], mask[:1, 2:])
+    assert torch.allclose(feature[:1], alone, atol=1e-5)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = encoder(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    assert torch.allclose(feature, teacher.project(hidden[:, -1]), atol=1e-6)
+
+
+def test_roberta_teacher_left_padding_matches_unpadded():
+    from transformers import RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    encoder = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, pad_token_id=1,
+                                         num_attention_heads=2, intermediate_size=32))
+    teacher = telme.TextTeacher(encoder, 7, 12).eval()
+    assert not teacher.explicit_positions  # RoBERTa derives positions from its padding itself
+    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    feature, _ = teacher(ids, mask)
+    assert torch.allclose(feature[:1], teacher(ids[:1, 2:], mask[:1, 2:])[0], atol=1e-5)
+
+
+def test_image_statistics_come_from_the_saved_image_processor(tmp_path, tiny_models):
+    assert telme.image_statistics(tiny_models["video"]) == tuple(map(list, telme.TIMESFORMER_IMAGE_STATS))
+    encoder = telme.AutoModel.from_config(telme.AutoConfig.from_pretrained(tiny_models["video"]))
+    stats = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    telme.save_encoder_config(tmp_path, "video", encoder, stats)  # a run's copy, read back by eval
+    assert telme.image_statistics(str(telme.encoder_dir(tmp_path, "video"))) == stats
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Distillation losses, against an independent derivation
+# --------------------------------------------------------------------------------------------------
+def reference_dist_loss(z_s, z_t, tau):
+    """DIST re-derived with torch.corrcoef, one correlation at a time."""
+    p_s, p_t = F.softmax(z_s / tau, -1), F.softmax(z_t / tau, -1)
+    inter = [torch.corrcoef(torch.stack([p_s[i], p_t[i]]))[0, 1] for i in range(len(p_s))]
+    intra = [torch.corrcoef(torch.stack([p_s[:, c], p_t[:, c]]))[0, 1] for c in range(p_s.shape[1])]
+    return tau ** 2 * ((1 - torch.stack(inter).mean()) + (1 - torch.stack(intra).mean()))
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_dist_loss_matches_corrcoef_derivation(tau):
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(6, 7), torch.randn(6, 7)
+    assert torch.allclose(telme.dist_loss(z_s, z_t, tau), reference_dist_loss(z_s, z_t, tau), atol=1e-5)
+
+
+def test_dist_loss_is_zero_for_identical_logits_and_scales_with_tau_squared():
+    torch.manual_seed(1)
+    z = torch.randn(5, 7)
+    assert telme.dist_loss(z, z.clone(), 4.0).abs() < 1e-5
+    z_s, z_t = torch.randn(5, 7), torch.randn(5, 7)
+    # The same correlation terms (logits pre-scaled so softmax sees the same input) times tau^2.
+    assert torch.allclose(telme.dist_loss(2 * z_s, 2 * z_t, 2.0), 4 * telme.dist_loss(z_s, z_t, 1.0), atol=1e-5)
+
+
+def reference_feature_kd(f_t, f_s, t=1.0):
+    """KL(P||Q) written out as sums over explicit probabilities."""
+    f_t, f_s = f_t / f_t.norm(dim=1, keepdim=True), f_s / f_s.norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(len(f_t)):
+        p = torch.exp(f_t[i] @ f_t.T / t) / torch.exp(f_t[i] @ f_t.T / t).sum()
+        q = torch.exp(f_t[i] @ f_s.T / t) / torch.exp(f_t[i] @ f_s.T / t).sum()
+        total += (p * (p.log() - q.log())).sum()
+    return total / len(f_t)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_feature_kd_loss_matches_explicit_kl(t):
+    torch.manual_seed(2)
+    f_t, f_s = torch.randn(5, 16), torch.randn(5, 16)
+    assert torch.allclose(telme.feature_kd_loss(f_t, f_s, t), reference_feature_kd(f_t, f_s, t), atol=1e-5)
+    assert telme.feature_kd_loss(f_t, f_t.clone(), t).abs() < 1e-6
+    assert telme.feature_kd_loss(f_t, f_s, t) > 1e-3
+
+
+def test_student_loss_is_cross_entropy_plus_the_weighted_distillation_terms():
+    """L = CE + alpha L_resp + beta L_feat from the derivations above, with alpha, beta and both
+    temperatures away from 1 so that a dropped or swapped weight or temperature shows."""
+    torch.manual_seed(4)
+    z_s, z_t, f_s, f_t = torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 16), torch.randn(6, 16)
+    y = torch.tensor([0, 3, 6, 2, 2, 5])
+    cfg = telme.make_config("meld", alpha=0.3, beta=2.5, tau=3.0, kd_temperature=0.5)
+    cross_entropy = -torch.log_softmax(z_s, -1)[torch.arange(6), y].mean()
+    expected = cross_entropy + 0.3 * reference_dist_loss(z_s, z_t, 3.0) + 2.5 * reference_feature_kd(f_t, f_s, 0.5)
+    assert torch.allclose(telme.student_loss(z_s, f_s, z_t, f_t, y, cfg), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Shifting fusion
+# --------------------------------------------------------------------------------------------------
+def fusion_inputs(batch=6, dim=24):
+    torch.manual_seed(3)
+    return torch.randn(batch, dim), torch.randn(batch, dim), torch.randn(batch, dim)
+
+
+@pytest.mark.parametrize("attention", ["modality", "batch"])
+def test_fusion_shapes_and_bounded_shift(attention):
+    f_t, f_a, f_v = fusion_inputs()
+    fusion = telme.ShiftingFusion(24, 7, heads=3, dropout=0.2, theta=0.1, attention=attention).eval()
+    assert fusion(f_t, f_a, f_v).shape == (6, 7)
+    lam, h = fusion.displacement(f_t, f_a, f_v)
+    assert lam.shape == (6,) and h.shape == (6, 24)
+    assert torch.all(lam * h.norm(dim=-1) <= 0.1 * f_t.norm(dim=-1) + 1e-6)
+
+
+@pytest.mark.parametrize("theta, shift_bounded", [(0.1, True), (100.0, False)])
+def test_fusion_follows_the_asf_steps_of_the_spec(theta, shift_bounded):
+    """ASF (paper, section 3.4) re-derived from the module's weights without its forward:
+    attention over the two tokens [F_A, F_V] of each utterance, A, g, H, lambda, Z and the logits."""
+    f_t, f_a, f_v = fusion_inputs()
+    batch, dim, heads = 6, 24, 3
+    m = telme.ShiftingFusion(dim, 7, heads=heads, dropout=0.2, theta=theta).eval()
+    tokens = torch.stack([f_a, f_v], dim=1)  # (B, 2, D)
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = m.attention.in_proj_weight.split(dim), m.attention.in_proj_bias.split(dim)
+    q, k, v = ((tokens @ w.T + b).view(batch, 2, heads, dim // heads).transpose(1, 2)
+               for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))  # (B, heads, 2, D/heads)
+    mixed = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1) @ v
+    attended = mixed.transpose(1, 2).reshape(batch, 2, dim) @ m.attention.out_proj.weight.T + m.attention.out_proj.bias
+    n = torch.cat([f_a, f_v], dim=-1)
+    a = F.layer_norm(attended.reshape(batch, 2 * dim) + n, (2 * dim,), m.student_norm.weight, m.student_norm.bias)
+    g = torch.relu(torch.cat([a, f_t], dim=-1) @ m.gate.weight.T + m.gate.bias)
+    h = g * (a @ m.shift.weight.T + m.shift.bias)
+    lam = torch.clamp(theta * f_t.norm(dim=-1) / (h.norm(dim=-1) + 1e-6), max=1.0)
+    assert bool((lam < 1).all()) == shift_bounded and bool((lam == 1).all()) != shift_bounded
+    z = F.layer_norm(f_t + lam[:, None] * h, (dim,), m.output_norm.weight, m.output_norm.bias)
+    assert torch.allclose(m(f_t, f_a, f_v), z @ m.classifier.weight.T + m.classifier.bias, atol=1e-5)
+
+
+def test_fusion_modality_attention_is_per_sample_and_batch_attention_is_not():
+    f_t, f_a, f_v = fusion_inputs()
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    others = [torch.randn_like(x) for x in (f_t, f_a, f_v)]  # new batch mates for sample 0
+    mates = [torch.cat([x[:1], y[1:]]) for x, y in zip((f_t, f_a, f_v), others)]
+    per_sample = telme.ShiftingFusion(24, 7, 3, 0.2, 0.1, "modality").eval()
+    out = per_sample(f_t, f_a, f_v)
+    assert torch.allclose(per_sample(f_t[order], f_a[order], f_v[order]), out[order], atol=1e-5)
+    assert torch.allclose(per_sample(*mates)[0], out[0], atol=1e-6)
+    # D2: the official 2-D input makes the batch one attention sequence. Attention without
+    # positions is permutation-equivariant, so what betrays it is that a sample's output
+    # depends on which samples share its batch.
+    across_batch = telme.ShiftingFusion(24, 7, 3, 0.2, 0.1, "batch").eval()
+    out = across_batch(f_t, f_a, f_v)
+    assert not torch.allclose(across_batch(*mates)[0], out[0], atol=1e-4)
+    assert not torch.allclose(across_batch(f_t[:1], f_a[:1], f_v[:1])[0], out[0], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Training: runtime, fit, the phases, the run directory
+# --------------------------------------------------------------------------------------------------
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(telme, "PROGRESS_SECONDS", 0)
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=False)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("teacher 1/10: batch 3/3, ")
+    assert list(telme.progress(range(3), "teacher 1/10", quiet=True)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_forward_only_batches_are_larger_only_where_batch_mates_cannot_change_an_output():
+    cfg = telme.make_config("meld", batch_size=4, eval_batch_size=16)
+    text, audio = telme.UtteranceDataset([], text_ids=[]), telme.UtteranceDataset([], kinds=("audio",))
+    video, features = telme.UtteranceDataset([], kinds=("video",)), telme.FeatureDataset({"label": []})
+    datasets = (text, audio, video, features)
+    assert [telme.loader_batch_size(d, cfg, training=True) for d in datasets] == [4, 4, 4, 4]
+    assert [telme.loader_batch_size(d, cfg, training=False) for d in datasets] == [16, 4, 16, 16]
+    d2 = dataclasses.replace(cfg, asf_attention="batch")  # D2: a sample's output depends on its batch
+    assert telme.loader_batch_size(features, d2, training=False) == 4
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
+    """--compile changes how a training step runs, not what it computes: one epoch of the fusion
+    gives the same weights up to float rounding (which Adam's normalised steps amplify to ~1e-4 on
+    near-zero gradients; training moved the weights by over 1e-3), saved under the module's own
+    parameter names. Dropout is off: compiled code draws its dropout masks differently."""
+    cfg = telme.make_config("meld", quiet=True, feature_dim=16, heads=2, dropout=0.0)
+    rt = telme.make_runtime(cfg)
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return ({k: torch.randn(n, 16, generator=generator) for k in ("f_teacher", "f_audio", "f_visual")}
+                | {"label": torch.randint(7, (n,), generator=generator)})
+
+    outputs = {"train": split(32), "dev": split(8), "test": split(8)}
+    weights = {}
+    for compiled in (False, True):
+        run_cfg = dataclasses.replace(cfg, compile=compiled)
+        run = tmp_path / f"compile-{compiled}"
+        run.mkdir()
+        transformers.set_seed(cfg.seed)
+        fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
+        initial = {k: v.clone() for k, v in fusion.state_dict().items()}
+        loaders = {s: telme.make_loader(telme.FeatureDataset(out), run_cfg, rt, None, shuffle=s == "train",
+                                        seed=cfg.seed) for s, out in outputs.items()}
+        telme.fit("fusion", fusion, loaders, telme.fusion_forward, telme.fusion_loss, 1, 1e-3, run_cfg, rt, run)
+        weights[compiled] = telme.load_file(telme.weights_path(run, "fusion"))
+    assert weights[True].keys() == weights[False].keys() == initial.keys()
+    assert max((w - initial[k]).abs().max() for k, w in weights[False].items()) > 1e-3  # it trained
+    for name, eager in weights[False].items():
+        torch.testing.assert_close(weights[True][name], eager, rtol=1e-3, atol=2e-4)
+
+
+def test_teacher_trains_on_the_csvs_alone(tmp_path, tiny_models):
+    data = tmp_path / "MELD.Raw"
+    data.mkdir()
+    for split in ("train", "dev"):
+        write_meld_csv(data / telme.MELD_SPLITS[split][0], FIXTURE_ROWS)
+    cfg = tiny_config("meld", data, tmp_path, tiny_models, strict=True)
+    metrics = telme.train(cfg, "teacher")
+    assert list(metrics) == ["teacher"] and metrics["teacher"]["best_epoch"] == 1
+    assert not any((data / folder).exists() for _, folder in telme.MELD_SPLITS.values())
+    assert not (tmp_path / "cache").exists()  # no clip was looked for
+
+
+def test_a_phase_before_its_earlier_phases_stops_before_reading_anything(tmp_path):
+    cfg = telme.make_config("meld", data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="has no teacher, audio, visual weights; --phase fusion needs them"):
+        telme.train(cfg, "fusion")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "teacher.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="has no audio, visual weights"):
+        telme.train(cfg, "fusion")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["teacher.safetensors"]  # nothing written
 
 
 def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp_path, monkeypatch):
@@ -993,37 +1125,6 @@ def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp
     assert json.loads((run / "checkpoints" / "teacher.complete").read_text())["epochs"] == 1
 
 
-def file_bytes(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cli_flags(cfg) -> list[str]:
-    """The train flags that give `cfg` (those that differ from the meld preset)."""
-    preset, flags = telme.make_config("meld"), []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == getattr(preset, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else flag.replace("--", "--no-"))
-        else:
-            flags += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    return flags
-
-
-def one_line_exit(capsys, argv) -> str:
-    """telme.main(argv) stops within seconds with one line and exit status 1; returns the line."""
-    import time
-    started = time.time()
-    with pytest.raises(SystemExit) as stop:
-        telme.main(argv)
-    assert time.time() - started < 15
-    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code  # Python prints it, exit 1
-    assert "Traceback" not in capsys.readouterr().err
-    return stop.value.code
-
-
 def test_a_failing_train_leaves_the_finished_run_byte_identical(demo_run, tmp_path, capsys):
     out, _ = demo_run
     run = tmp_path / "run"
@@ -1042,155 +1143,39 @@ def test_a_failing_train_leaves_the_finished_run_byte_identical(demo_run, tmp_pa
         assert file_bytes(run) == before  # config.json and metrics.json included
 
 
-def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
-    """On another machine the run's config.json names folders that are not there: --data-dir and
-    --cache-dir point eval at the data's new place, with the same scores."""
-    out, results = demo_run
-    run = tmp_path / "run"
-    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
-    shutil.copytree(out / "inputs" / "data", tmp_path / "moved")
-    config = json.loads((run / "config.json").read_text())
-    config["config"]["data_dir"] = str(tmp_path / "gone")
-    (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="gone"):
-        telme.main(["eval", "--run", str(run), "--quiet"])
-    telme.main(["eval", "--run", str(run), "--quiet", "--data-dir", str(tmp_path / "moved"),
-                "--cache-dir", str(tmp_path / "cache")])
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert {p: metrics[p]["test_wf1"] for p in telme.PHASES} == {p: results[p]["test_wf1"] for p in telme.PHASES}
-
-
-def wf1_from_predictions(path: Path) -> dict:
-    """{(split, phase): weighted F1 x100} recomputed from predictions.csv."""
-    from sklearn.metrics import f1_score
-    rows = list(csv.DictReader(path.open()))
-    phases = [c[:-len("_prediction")] for c in rows[0] if c.endswith("_prediction")]
-    return {(split, p): 100 * f1_score([r["label"] for r in rows if r["split"] == split],
-                                       [r[f"{p}_prediction"] for r in rows if r["split"] == split],
-                                       average="weighted")
-            for split in {r["split"] for r in rows} for p in phases}
-
-
-def test_predictions_csv_gives_back_the_weighted_f1_of_metrics_json(demo_run):
-    out, _ = demo_run
-    metrics = json.loads((out / "metrics.json").read_text())
-    recomputed = wf1_from_predictions(out / "predictions.csv")
-    assert {p for _, p in recomputed} == set(telme.PHASES)
-    for (split, phase), wf1 in recomputed.items():
-        assert wf1 == pytest.approx(metrics[phase][f"{split}_wf1"], abs=1e-6)
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
-    test = telme.load_splits(telme.read_run_config(out))["test"]
-    assert [r["utterance"] for r in rows if r["split"] == "test"] == [Path(u.video).stem for u in test]
-    assert all(abs(sum(float(r[f"fusion_{c}"]) for c in telme.EMOTIONS["meld"]) - 1) < 1e-4 for r in rows)
-
-
-def test_eval_on_other_data_writes_its_own_folder_and_leaves_the_run(demo_run, tmp_path, capsys):
-    """Labelled clips of one's own (a test CSV and its clips, no train or dev CSV) score into --out;
-    the run's metrics.json and report stay as they were."""
-    out, _ = demo_run
-    run = tmp_path / "run"
-    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
-    before = file_bytes(run)
-    other = telme.synth(tmp_path / "other", "meld", dialogues=4, seed=3)
-    for split in ("train", "dev"):
-        (other / telme.MELD_SPLITS[split][0]).unlink()
-    argv = ["eval", "--run", str(run), "--data-dir", str(other), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    assert "is not the data" in one_line_exit(capsys, argv) and file_bytes(run) == before
-    telme.main(argv + ["--out", str(tmp_path / "scored")])
-    assert file_bytes(run) == before
-    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
-    assert list(scored) == list(telme.PHASES) and all(m["dev_wf1"] is None for m in scored.values())
-    assert str(other) in (tmp_path / "scored" / "report.md").read_text()
-    recomputed = wf1_from_predictions(tmp_path / "scored" / "predictions.csv")
-    assert {s for s, _ in recomputed} == {"test"}
-    for (split, phase), wf1 in recomputed.items():
-        assert wf1 == pytest.approx(scored[phase]["test_wf1"], abs=1e-6)
-
-
-def markdown_table(lines, first_cell):
-    """The rows (as lists of cells) of the markdown table whose header starts with first_cell."""
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell}"))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
-
-
-def test_report_numbers_equal_metrics_json(demo_run):
-    from PIL import Image
-    out, _ = demo_run
-    run = out
-    metrics = json.loads((run / "metrics.json").read_text())
-    lines = (run / "report.md").read_text().splitlines()
-    phases = markdown_table(lines, "phase")
-    assert [r[0] for r in phases] == list(metrics)
-    for (phase, best_epoch, dev, test, paper), m in zip(phases, metrics.values()):
-        assert (int(best_epoch), dev, test) == (m["best_epoch"], f"{m['dev_wf1']:.2f}", f"{m['test_wf1']:.2f}")
-        assert float(paper) == telme.PAPER_WF1["meld"][phase]  # the demo's layout is MELD's
-    per_class = markdown_table(lines, "class")
-    for name, precision, recall, f1, support in per_class:
-        r = metrics["fusion"]["per_class"]["test"][name]
-        assert (precision, recall, f1, int(support)) == (
-            f"{r['precision']:.2f}", f"{r['recall']:.2f}", f"{r['f1']:.2f}", r["support"])
-    counts = np.array(metrics["fusion"]["confusion"]["test"])
-    tables = [i for i, line in enumerate(lines) if line.startswith("| true")]
-    assert len(tables) == 2
-    assert np.array_equal(np.array([r[1:] for r in markdown_table(lines[tables[0]:], "true")], int), counts)
-    shares = np.array([r[1:] for r in markdown_table(lines[tables[1]:], "true")], float)
-    assert np.allclose(shares, 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1), atol=0.05)
-    # The image: one cell per pair of classes, darker where a larger share of the row falls.
-    image = np.asarray(Image.open(run / "confusion.png").convert("RGB")).astype(int)
-    cell = telme.CONFUSION_CELL
-    margin = image.shape[1] - 7 * cell  # the class names' room, left and top
-    assert image.shape == (margin + 7 * cell, margin + 7 * cell, 3) and margin > 0
-    brightness = np.array([[image[margin + i * cell + 2, margin + j * cell + 2].sum() for j in range(7)]
-                           for i in range(7)]).ravel()
-    exact = (counts / np.maximum(counts.sum(1, keepdims=True), 1)).ravel()
-    assert brightness[exact == 0].min() == 3 * 255  # an empty cell is white
-    for a in range(49):  # a larger share of its row: a darker cell
-        assert np.all(brightness[exact > exact[a] + 1e-9] < brightness[a])
-
-
-def test_confusion_png_shows_the_counts_and_the_class_names():
-    from PIL import Image
-    import io
-    classes = telme.EMOTIONS["iemocap"]
-    counts = np.arange(36).reshape(6, 6)
-    shares = counts / counts.sum(1, keepdims=True)
-
-    def decoded(counts, classes):
-        return np.asarray(Image.open(io.BytesIO(telme.confusion_png(counts, shares, classes))).convert("RGB"))
-
-    image = decoded(counts, classes)
-    margin = image.shape[1] - 6 * telme.CONFUSION_CELL
-    assert image.shape == (margin + 6 * telme.CONFUSION_CELL,) * 2 + (3,)
-    # Room for the longest name, and the names are drawn: longer names widen the image.
-    assert decoded(counts, [c * 3 for c in classes]).shape[0] > image.shape[0]
-    # The number in each cell is drawn: one other count changes only that cell's pixels.
-    other = counts.copy()
-    other[2, 3] += 1
-    changed = np.argwhere((decoded(other, classes) != image).any(-1))
-    cell_of = (changed - margin) // telme.CONFUSION_CELL
-    assert len(changed) and np.all(changed >= margin) and np.all(cell_of == [2, 3])
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """A few synthetic dialogues and tiny encoders: a whole run of 2 epochs per phase in seconds."""
-    out = tmp_path_factory.mktemp("tiny")
-    data = telme.synth(out / "data", "meld", dialogues=3, seed=7)
-    corpus = [u.text for utts in telme.load_splits(telme.make_config(data_dir=str(data))).values() for u in utts]
-    models = telme.write_tiny_models(out / "models", corpus, telme.DEMO["feature_dim"],
-                                     telme.DEMO["image_size"], 8, seed=7)
-
-    def config(name, **overrides):
-        settings = {**telme.DEMO, "epochs": (2, 2, 2), "cache_dir": str(out / "cache"), **overrides}
-        return telme.make_config("meld", data_dir=str(data), out=str(out / name),
-                                 text_model=models["text"], audio_model=models["audio"],
-                                 video_model=models["video"], quiet=True, **settings)
-    return config
+# --------------------------------------------------------------------------------------------------
+# 5. Training: checkpoints and resuming
+# --------------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, 2, 10)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        schedule.step()
+    path = telme.checkpoint_path(tmp_path, "teacher")
+    telme.save_checkpoint(path, 2, {"dev_wf1": 50.0, "best_epoch": 2}, model, optimizer, schedule, scaler,
+                          generator)
+    expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), __import__("random").random())
+    other = torch.nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    other_schedule = transformers.get_linear_schedule_with_warmup(other_optimizer, 2, 10)
+    other_generator = torch.Generator()
+    epoch, best = telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
+    assert (epoch, best) == (2, {"dev_wf1": 50.0, "best_epoch": 2})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_schedule.last_epoch == 3 and other_optimizer.state_dict()["state"][0]["step"] == 3
+    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    again = (torch.rand(3), torch.rand(3, generator=other_generator), np.random.rand(), __import__("random").random())
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(expected, again))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match=r"teacher.pt: truncated or damaged checkpoint"):
+        telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
 
 
 def interrupt_after(monkeypatch, phase, epoch):
@@ -1255,94 +1240,6 @@ def test_a_run_stopped_between_checkpoint_and_best_weights_resumes_with_them(tin
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_round_trip_and_truncation_is_reported(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    schedule = transformers.get_linear_schedule_with_warmup(optimizer, 2, 10)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    generator = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        model(torch.randn(2, 4)).sum().backward()
-        optimizer.step()
-        schedule.step()
-    path = telme.checkpoint_path(tmp_path, "teacher")
-    telme.save_checkpoint(path, 2, {"dev_wf1": 50.0, "best_epoch": 2}, model, optimizer, schedule, scaler,
-                          generator)
-    expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(), __import__("random").random())
-    other = torch.nn.Linear(4, 3)
-    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2)
-    other_schedule = transformers.get_linear_schedule_with_warmup(other_optimizer, 2, 10)
-    other_generator = torch.Generator()
-    epoch, best = telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
-    assert (epoch, best) == (2, {"dev_wf1": 50.0, "best_epoch": 2})
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-    assert other_schedule.last_epoch == 3 and other_optimizer.state_dict()["state"][0]["step"] == 3
-    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    again = (torch.rand(3), torch.rand(3, generator=other_generator), np.random.rand(), __import__("random").random())
-    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(expected, again))
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(SystemExit, match=r"teacher.pt: truncated or damaged checkpoint"):
-        telme.restore_checkpoint(path, other, other_optimizer, other_schedule, scaler, other_generator)
-
-
-@pytest.mark.parametrize("overrides, problem", [
-    (dict(epochs=(10, 10)), "--epochs takes one value or three (teacher,students,fusion), not 2"),
-    (dict(lr=(1e-5,) * 4), "--lr takes one value or three"),
-    (dict(amp="bf15"), "--amp must be one of bf16, fp16, off, not 'bf15'"),
-    (dict(heads=5), "--heads 5 does not divide the fusion's attention width 768"),
-    (dict(heads=3, feature_dim=80, compat="official"), "width 160 (--feature-dim 80, --asf-attention batch)"),
-])
-def test_bad_settings_stop_with_one_line_before_training(overrides, problem):
-    with pytest.raises(SystemExit) as stop:
-        telme.make_config("meld", **overrides)
-    assert problem in str(stop.value) and "\n" not in str(stop.value)
-
-
-def test_a_phase_before_its_earlier_phases_stops_before_reading_anything(tmp_path):
-    cfg = telme.make_config("meld", data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match="has no teacher, audio, visual weights; --phase fusion needs them"):
-        telme.train(cfg, "fusion")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "teacher.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit, match="has no audio, visual weights"):
-        telme.train(cfg, "fusion")
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["teacher.safetensors"]  # nothing written
-
-
-@pytest.mark.parametrize("extra, problem", [
-    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-    (["--lr", "-1e-3"], "--lr must be above 0, not -0.001"),
-    (["--lr=-1e-3"], "--lr must be above 0, not -0.001"),
-    (["--dropout", "1"], "--dropout must be below 1, not 1.0"),
-    (["--text-model", "/no/such/dir"], "--text-model /no/such/dir: no such directory"),
-    (["--audio-model", "./models/audio"], "--audio-model ./models/audio: no such directory"),
-    (["--video-model", "models/no/video"], "--video-model models/no/video: no such directory"),
-    (["--text-model", "nobody-telme/no-such-model"], "not in the Hugging Face cache"),
-    (["--device", "tpu9"], "--device tpu9: expected auto, cpu, cuda or cuda:N"),
-    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
-])
-def test_each_bad_setting_is_one_line_within_seconds_and_writes_nothing(tiny_setup, capsys, monkeypatch,
-                                                                        extra, problem):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1
-    cfg = tiny_setup("bad")
-    line = one_line_exit(capsys, ["train", *cli_flags(cfg), *extra])
-    assert line.startswith("telme: ") and problem in line, line
-    assert not Path(cfg.out).exists()
-
-
-def test_a_bad_flag_exits_1_with_one_line_on_stderr():
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, telme.__file__, "train", "--data-dir", ".", "--lr", "-1e-3"],
-                          capture_output=True, text=True)
-    assert done.returncode == 1 and done.stderr == "telme: --lr must be above 0, not -0.001\n"
-
-
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_setup, monkeypatch, capsys):
     cfg = tiny_setup("ctrl-c")
     run = Path(cfg.out)
@@ -1368,74 +1265,8 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_setup, monkeypatch, c
     assert (run / "group.txt").stat().st_mode & 0o777 == 0o640
 
 
-def test_threads_reach_torch_and_run_sh_passes_them(tmp_path, monkeypatch):
-    before = torch.get_num_threads()
-    data = telme.synth(tmp_path / "data", "meld", dialogues=1)
-    try:
-        for n in (1, 2):
-            telme.main(["stats", "--data-dir", str(data), "--threads", str(n)])
-            assert torch.get_num_threads() == n
-    finally:
-        torch.set_num_threads(before)
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert telme.default_threads("train") == 3 and telme.default_threads("demo") == telme.DEMO_THREADS
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert telme.default_threads("eval") == len(os.sched_getaffinity(0))
-    run_sh, log = stand_in_run_sh(tmp_path)
-    run_sh("meld", "--threads", "1")
-    calls = log.read_text().splitlines()
-    assert len(calls) == 5 and all(c.endswith("--threads 1") for c in calls)  # prepare, 3 phases, eval
-
-
-def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
-    monkeypatch.setattr(telme, "PROGRESS_SECONDS", 0)
-    assert list(telme.progress(range(3), "teacher 1/10", quiet=False)) == [0, 1, 2]
-    assert capsys.readouterr().err.splitlines()[-1].startswith("teacher 1/10: batch 3/3, ")
-    assert list(telme.progress(range(3), "teacher 1/10", quiet=True)) == [0, 1, 2]
-    assert capsys.readouterr().err == ""
-
-
-def test_help_is_complete(capsys):
-    parser = telme.build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    for name, command in commands.items():
-        text = command.format_help()
-        assert "[default: ]" not in text and "SPEC" not in text, name
-        assert "--threads" in text, name
-        assert all(action.help for action in command._actions), (name, [a.dest for a in command._actions if not a.help])
-
-
-def test_the_demo_replaces_only_a_demo_run(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "teacher.safetensors").write_bytes(b"weights")
-    (run / "config.json").write_text(json.dumps({"config": {"data_dir": "/data/MELD.Raw"}}))
-    with pytest.raises(SystemExit, match="holds a run that is not a demo's; choose another --out"):
-        telme.demo(run)
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "teacher.safetensors"]
-
-
-def test_resume_keeps_the_run_configuration(tmp_path):
-    telme.write_run_config(telme.make_config("meld", out=str(tmp_path), seed=7), telme.make_runtime(
-        telme.make_config("meld", device="cpu")), tmp_path)
-    parser = telme.build_parser()
-    cfg = telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--device", "cpu"]))
-    assert cfg.seed == 7 and cfg.device == "cpu" and cfg.out == str(tmp_path)
-    with pytest.raises(SystemExit, match="--lr cannot be changed"):
-        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
-    # How steps run may change: a compiled run that fails to compile resumes eagerly, and back.
-    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--compile"])).compile
-    # The run's own values may be repeated (run.sh repeats its whole command when it resumes).
-    same = ["--dataset", "meld", "--seed", "7", "--lr", "1e-6,1e-5,1e-5", "--out", str(tmp_path / ".")]
-    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), *same])).seed == 7
-    with pytest.raises(SystemExit, match="--seed cannot be changed"):
-        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--seed", "42"]))
-    with pytest.raises(SystemExit, match="name different runs"):
-        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--out", "elsewhere"]))
-
-
 # --------------------------------------------------------------------------------------------------
-# Several processes: DistributedDataParallel over gloo on a CPU
+# 5. Training: several processes, DistributedDataParallel over gloo on a CPU
 # --------------------------------------------------------------------------------------------------
 def ddp_worker(rank, world, port, cfg, record_dir):
     """One torchrun-like process: trains every phase, recording the training items it was given
@@ -1499,7 +1330,7 @@ def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(
 
 
 # --------------------------------------------------------------------------------------------------
-# The official code's behaviours D1-D8 (README: Differences): each switch changes what it names
+# The official code's behaviours D1-D16 (README: Differences): each switch changes what it names
 # --------------------------------------------------------------------------------------------------
 def test_compat_official_switches_on_every_behaviour_and_nothing_by_default():
     fixed = telme.make_config("meld")
@@ -1574,14 +1405,6 @@ def test_d7_official_frames_are_bgr_with_videomae_statistics():
         else:
             expected = [(1 - 0.45) / 0.225, (0 - 0.45) / 0.225, (0 - 0.45) / 0.225]
         assert torch.allclose(channels, torch.tensor(expected), atol=1e-5), (switch, channels)
-
-
-def test_image_statistics_come_from_the_saved_image_processor(tmp_path, tiny_models):
-    assert telme.image_statistics(tiny_models["video"]) == tuple(map(list, telme.TIMESFORMER_IMAGE_STATS))
-    encoder = telme.AutoModel.from_config(telme.AutoConfig.from_pretrained(tiny_models["video"]))
-    stats = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
-    telme.save_encoder_config(tmp_path, "video", encoder, stats)  # a run's copy, read back by eval
-    assert telme.image_statistics(str(telme.encoder_dir(tmp_path, "video"))) == stats
 
 
 def tiny_audio_encoder():
@@ -1845,7 +1668,333 @@ def test_d16_official_cudnn_settings(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Official checkpoints
+# 6. Evaluation: eval and predictions.csv
+# --------------------------------------------------------------------------------------------------
+def test_eval_scores_a_run_stopped_between_the_two_students(demo_run, tmp_path):
+    """A run interrupted after the audio student (no visual student, no fusion) still evaluates:
+    the phases it has score as in the complete run."""
+    out, results = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    for phase in ("visual", "fusion"):
+        telme.weights_path(run, phase).unlink()
+    partial = telme.evaluate(run, quiet=True)
+    assert list(partial) == ["teacher", "audio"]
+    for phase in partial:
+        assert partial[phase]["test_wf1"] == pytest.approx(results[phase]["test_wf1"], abs=1e-6)
+
+
+def test_eval_recomputes_the_training_metrics(demo_run):
+    out, results = demo_run
+    log = (out / "train.log").read_text().splitlines()
+    for phase, m in results.items():  # eval's scores are the ones training logged at the best epoch
+        line = [l for l in log if l.startswith(f"[{phase:7s}] epoch {m['best_epoch']:2d}/")][0]
+        assert f"dev_wf1 {m['dev_wf1']:6.2f} test_wf1 {m['test_wf1']:6.2f}" in line
+
+
+def test_eval_of_a_run_whose_data_and_cache_moved(demo_run, tmp_path):
+    """On another machine the run's config.json names folders that are not there: --data-dir and
+    --cache-dir point eval at the data's new place, with the same scores."""
+    out, results = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    shutil.copytree(out / "inputs" / "data", tmp_path / "moved")
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["data_dir"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="gone"):
+        telme.main(["eval", "--run", str(run), "--quiet"])
+    telme.main(["eval", "--run", str(run), "--quiet", "--data-dir", str(tmp_path / "moved"),
+                "--cache-dir", str(tmp_path / "cache")])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {p: metrics[p]["test_wf1"] for p in telme.PHASES} == {p: results[p]["test_wf1"] for p in telme.PHASES}
+
+
+def wf1_from_predictions(path: Path) -> dict:
+    """{(split, phase): weighted F1 x100} recomputed from predictions.csv."""
+    from sklearn.metrics import f1_score
+    rows = list(csv.DictReader(path.open()))
+    phases = [c[:-len("_prediction")] for c in rows[0] if c.endswith("_prediction")]
+    return {(split, p): 100 * f1_score([r["label"] for r in rows if r["split"] == split],
+                                       [r[f"{p}_prediction"] for r in rows if r["split"] == split],
+                                       average="weighted")
+            for split in {r["split"] for r in rows} for p in phases}
+
+
+def test_predictions_csv_gives_back_the_weighted_f1_of_metrics_json(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    recomputed = wf1_from_predictions(out / "predictions.csv")
+    assert {p for _, p in recomputed} == set(telme.PHASES)
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(metrics[phase][f"{split}_wf1"], abs=1e-6)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    test = telme.load_splits(telme.read_run_config(out))["test"]
+    assert [r["utterance"] for r in rows if r["split"] == "test"] == [Path(u.video).stem for u in test]
+    assert all(abs(sum(float(r[f"fusion_{c}"]) for c in telme.EMOTIONS["meld"]) - 1) < 1e-4 for r in rows)
+
+
+def test_eval_on_other_data_writes_its_own_folder_and_leaves_the_run(demo_run, tmp_path, capsys):
+    """Labelled clips of one's own (a test CSV and its clips, no train or dev CSV) score into --out;
+    the run's metrics.json and report stay as they were."""
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    before = file_bytes(run)
+    other = telme.synth(tmp_path / "other", "meld", dialogues=4, seed=3)
+    for split in ("train", "dev"):
+        (other / telme.MELD_SPLITS[split][0]).unlink()
+    argv = ["eval", "--run", str(run), "--data-dir", str(other), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert "is not the data" in one_line_exit(capsys, argv) and file_bytes(run) == before
+    telme.main(argv + ["--out", str(tmp_path / "scored")])
+    assert file_bytes(run) == before
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert list(scored) == list(telme.PHASES) and all(m["dev_wf1"] is None for m in scored.values())
+    assert str(other) in (tmp_path / "scored" / "report.md").read_text()
+    recomputed = wf1_from_predictions(tmp_path / "scored" / "predictions.csv")
+    assert {s for s, _ in recomputed} == {"test"}
+    for (split, phase), wf1 in recomputed.items():
+        assert wf1 == pytest.approx(scored[phase]["test_wf1"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Evaluation: report.md
+# --------------------------------------------------------------------------------------------------
+def markdown_table(lines, first_cell):
+    """The rows (as lists of cells) of the markdown table whose header starts with first_cell."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell}"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_report_numbers_equal_metrics_json(demo_run):
+    from PIL import Image
+    out, _ = demo_run
+    run = out
+    metrics = json.loads((run / "metrics.json").read_text())
+    lines = (run / "report.md").read_text().splitlines()
+    phases = markdown_table(lines, "phase")
+    assert [r[0] for r in phases] == list(metrics)
+    for (phase, best_epoch, dev, test, paper), m in zip(phases, metrics.values()):
+        assert (int(best_epoch), dev, test) == (m["best_epoch"], f"{m['dev_wf1']:.2f}", f"{m['test_wf1']:.2f}")
+        assert float(paper) == telme.PAPER_WF1["meld"][phase]  # the demo's layout is MELD's
+    per_class = markdown_table(lines, "class")
+    for name, precision, recall, f1, support in per_class:
+        r = metrics["fusion"]["per_class"]["test"][name]
+        assert (precision, recall, f1, int(support)) == (
+            f"{r['precision']:.2f}", f"{r['recall']:.2f}", f"{r['f1']:.2f}", r["support"])
+    counts = np.array(metrics["fusion"]["confusion"]["test"])
+    tables = [i for i, line in enumerate(lines) if line.startswith("| true")]
+    assert len(tables) == 2
+    assert np.array_equal(np.array([r[1:] for r in markdown_table(lines[tables[0]:], "true")], int), counts)
+    shares = np.array([r[1:] for r in markdown_table(lines[tables[1]:], "true")], float)
+    assert np.allclose(shares, 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1), atol=0.05)
+    # The image: one cell per pair of classes, darker where a larger share of the row falls.
+    image = np.asarray(Image.open(run / "confusion.png").convert("RGB")).astype(int)
+    cell = telme.CONFUSION_CELL
+    margin = image.shape[1] - 7 * cell  # the class names' room, left and top
+    assert image.shape == (margin + 7 * cell, margin + 7 * cell, 3) and margin > 0
+    brightness = np.array([[image[margin + i * cell + 2, margin + j * cell + 2].sum() for j in range(7)]
+                           for i in range(7)]).ravel()
+    exact = (counts / np.maximum(counts.sum(1, keepdims=True), 1)).ravel()
+    assert brightness[exact == 0].min() == 3 * 255  # an empty cell is white
+    for a in range(49):  # a larger share of its row: a darker cell
+        assert np.all(brightness[exact > exact[a] + 1e-9] < brightness[a])
+
+
+def test_confusion_png_shows_the_counts_and_the_class_names():
+    from PIL import Image
+    import io
+    classes = telme.EMOTIONS["iemocap"]
+    counts = np.arange(36).reshape(6, 6)
+    shares = counts / counts.sum(1, keepdims=True)
+
+    def decoded(counts, classes):
+        return np.asarray(Image.open(io.BytesIO(telme.confusion_png(counts, shares, classes))).convert("RGB"))
+
+    image = decoded(counts, classes)
+    margin = image.shape[1] - 6 * telme.CONFUSION_CELL
+    assert image.shape == (margin + 6 * telme.CONFUSION_CELL,) * 2 + (3,)
+    # Room for the longest name, and the names are drawn: longer names widen the image.
+    assert decoded(counts, [c * 3 for c in classes]).shape[0] > image.shape[0]
+    # The number in each cell is drawn: one other count changes only that cell's pixels.
+    other = counts.copy()
+    other[2, 3] += 1
+    changed = np.argwhere((decoded(other, classes) != image).any(-1))
+    cell_of = (changed - margin) // telme.CONFUSION_CELL
+    assert len(changed) and np.all(changed >= margin) and np.all(cell_of == [2, 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Evaluation: predict, one new utterance or a CSV of them
+# --------------------------------------------------------------------------------------------------
+def run_predict(capsys, *args):
+    capsys.readouterr()  # only what predict prints
+    telme.main(["predict", *map(str, args)])
+    return capsys.readouterr().out
+
+
+def test_predict_gives_eval_probabilities_for_the_same_utterance_and_history(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = out
+    cfg = telme.read_run_config(run)
+    test = telme.load_splits(cfg)["test"]
+    dialogue = telme.dialogues(test)[1]
+    k = 2  # the third utterance: two turns of history
+    (tmp_path / "history.txt").write_text("".join(f"{u.speaker}: {u.text}\n" for u in dialogue[:k]))
+    u = dialogue[k]
+    result = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text,
+                                    "--history", tmp_path / "history.txt", "--speaker", u.speaker,
+                                    "--all-phases", "--json"))
+    outputs = telme.eval_outputs(run, cfg, telme.make_runtime(cfg), {"test": test})["test"]
+    row = test.index(u)
+    assert result["model"] == "fusion" and result["missing"] == {}
+    assert list(result["phases"]) == list(telme.PHASES)
+    # Eval runs batches of several clips, predict a batch of one. Text and video do not depend on
+    # their batch mates; data2vec-audio's stacked positional convolutions see the zeros that pad a
+    # shorter clip in its batch, which moves the audio (and so the fusion) probabilities by ~1e-4.
+    tolerance = {"teacher": 1e-5, "visual": 1e-5, "audio": 2e-3, "fusion": 2e-3}
+    for phase in telme.PHASES:
+        expected = F.softmax(outputs[f"z_{phase}"][row], -1)
+        got = torch.tensor(list(result["phases"][phase]["probabilities"].values()))
+        assert torch.allclose(got, expected, atol=tolerance[phase]), (phase, got - expected)
+        top2 = expected.topk(2).values
+        if top2[0] - top2[1] > 2 * tolerance[phase]:  # the class, unless a near tie
+            assert result["phases"][phase]["prediction"] == telme.EMOTIONS["meld"][int(expected.argmax())]
+    assert result["prediction"] == result["phases"]["fusion"]["prediction"]
+    # Without the history the teacher's prompt, hence its probabilities, change.
+    alone = json.loads(run_predict(capsys, "--run", run, "--video", u.video, "--text", u.text, "--json"))
+    assert alone["probabilities"] != result["probabilities"]
+
+
+def test_predict_with_missing_modalities_and_a_separate_wav(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    run = out
+    text, frames, audio = telme.synth_utterance(3, 7, __import__("random").Random(5))
+    telme.write_clip(tmp_path / "silent.avi", frames, telme.SYNTH_FPS)  # video stream only
+    write_wav(tmp_path / "voice.wav", audio, telme.SYNTH_AUDIO_RATE)
+    table = run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi", "--text", text)
+    assert "audio missing" in table and "no audio stream" in table and "visual" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "class" not in line]
+    assert len(rows) == 7 and abs(sum(float(r.split("|")[2]) for r in rows) - 1) < 1e-3
+    both = json.loads(run_predict(capsys, "--run", run, "--video", tmp_path / "silent.avi",
+                                  "--audio", tmp_path / "voice.wav", "--text", text, "--json"))
+    assert both["missing"] == {} and list(both["phases"]) == ["fusion"]
+    text_only = json.loads(run_predict(capsys, "--run", run, "--text", text, "--json"))
+    assert set(text_only["missing"]) == {"audio", "video"}
+    assert text_only["prediction"] in telme.EMOTIONS["meld"]
+    (tmp_path / "bad.txt").write_text("Ross: hi\nno colon here\n")
+    with pytest.raises(SystemExit, match=r"bad.txt:2: expected 'Speaker: utterance'"):
+        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "bad.txt")
+    (tmp_path / "latin1.txt").write_bytes("Ross: café\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"latin1.txt: not UTF-8 text$"):
+        run_predict(capsys, "--run", run, "--text", text, "--history", tmp_path / "latin1.txt")
+
+
+def test_predict_stops_on_what_it_cannot_read_unless_zeros_are_asked_for(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    clip = Path(telme.load_splits(telme.read_run_config(out))["test"][0].video)
+    bad = {"truncated": clip.read_bytes()[:len(clip.read_bytes()) // 3], "empty": b"", "text": b"not a video\n"}
+    for name, data in bad.items():
+        (tmp_path / f"{name}.mp4").write_bytes(data)
+    (tmp_path / "folder.mp4").mkdir()
+    for name, problem in (("truncated", "cannot decode"), ("empty", "empty file (0 bytes)"),
+                          ("text", "cannot decode"), ("folder", "is a directory")):
+        line = one_line_exit(capsys, ["predict", "--run", str(out), "--text", "Hi", "--video", str(tmp_path / f"{name}.mp4")])
+        assert line.startswith(f"telme: {tmp_path / name}.mp4: ") and problem in line, line
+    assert "is empty" in one_line_exit(capsys, ["predict", "--run", str(out), "--text", " ", "--video", str(clip)])
+    zeros = json.loads(run_predict(capsys, "--run", out, "--text", "Hi", "--video", tmp_path / "text.mp4",
+                                   "--missing-as-zeros", "--json"))
+    assert set(zeros["missing"]) == {"audio", "video"} and zeros["prediction"] in telme.EMOTIONS["meld"]
+    # The Python entry point: a run loaded once, many utterances.
+    model = telme.Predictor(out)
+    assert model.predict("Hi", video=str(clip))["probabilities"] == json.loads(run_predict(
+        capsys, "--run", out, "--text", "Hi", "--video", clip, "--json"))["probabilities"]
+
+
+def test_predict_csv_gives_eval_predictions_with_or_without_labels(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    data = Path(telme.read_run_config(out).data_dir)
+    test_csv, clips = (data / name for name in telme.MELD_SPLITS["test"])
+    rows = list(csv.DictReader(test_csv.open()))
+    write_rows(tmp_path / "mine.csv", [c for c in rows[0] if c != "Emotion"],
+               [[r[c] for c in rows[0] if c != "Emotion"] for r in rows])
+    telme.main(["predict", "--run", str(out), "--csv", str(test_csv), "--clips", str(clips),
+                "--out", str(tmp_path / "labelled.csv")])
+    telme.main(["predict", "--run", str(out), "--csv", str(tmp_path / "mine.csv"), "--clips", str(clips),
+                "--out", str(tmp_path / "unlabelled.csv")])
+    evaluated = [r for r in csv.DictReader((out / "predictions.csv").open()) if r["split"] == "test"]
+    for name in ("labelled", "unlabelled"):
+        got = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
+        assert [r["fusion_prediction"] for r in got] == [r["fusion_prediction"] for r in evaluated]
+        assert [r["label"] for r in got] == ([r["label"] for r in evaluated] if name == "labelled" else [""] * len(got))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Evaluation: several seeds, mean and std of each phase
+# --------------------------------------------------------------------------------------------------
+def fake_run(path: Path, seed: int, wf1: dict, seconds=None) -> Path:
+    """A run directory holding only what summarize reads."""
+    path.mkdir(parents=True)
+    metrics = {phase: {"dev_wf1": dev, "test_wf1": test, "best_epoch": 1, "per_class": {}, "confusion": {}}
+               for phase, (dev, test) in wf1.items()}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    (path / "config.json").write_text(json.dumps({"config": {"seed": seed}, "device": "NVIDIA H100"}))
+    if seconds is not None:
+        (path / "wall_clock_s").write_text(str(seconds))
+    return path
+
+
+def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "seed42", 42, {"teacher": (60, 61), "fusion": (66, 67)}, 100),
+            fake_run(tmp_path / "seed43", 43, {"teacher": (62, 63), "fusion": (68, 65)}, 300),
+            fake_run(tmp_path / "seed44", 44, {"teacher": (64, 65), "fusion": (67, 69)})]
+    telme.main(["summarize", "--out", str(tmp_path), *map(str, runs)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43, 44] and summary["wall_clock_s"] == [100.0, 300.0, None]
+    assert list(summary["phases"]) == ["teacher", "fusion"]
+    teacher = summary["phases"]["teacher"]
+    assert teacher["n"] == 3 and teacher["dev_wf1"]["mean"] == pytest.approx(62.0)
+    assert teacher["dev_wf1"]["std"] == pytest.approx(2.0)  # sample std of 60, 62, 64
+    fusion = summary["phases"]["fusion"]["test_wf1"]
+    assert fusion["values"] == [67, 65, 69] and fusion["std"] == pytest.approx(2.0)
+    table = capsys.readouterr().out
+    fusion_row = next(line for line in table.splitlines() if line.startswith("| fusion"))
+    assert [" ".join(cell.split()) for cell in fusion_row.strip("|").split("|")] == [
+        "fusion", "67.00 ± 1.00", "67.00 ± 2.00", "3"]
+    assert "3.3 min per run" in table
+    with pytest.raises(SystemExit, match="metrics.json not found"):
+        telme.summarize([tmp_path / "seed45"], tmp_path)
+
+
+def test_summarize_refuses_other_configurations_and_repeated_runs(tmp_path):
+    runs = [fake_run(tmp_path / f"seed{seed}", seed, {"fusion": (60, 61)}) for seed in (42, 43)]
+    with pytest.raises(SystemExit, match="seed42 repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], runs[0]], tmp_path)
+    copy = shutil.copytree(runs[0], tmp_path / "copy")
+    with pytest.raises(SystemExit, match="copy repeats .*seed42 \\(seed 42\\)"):
+        telme.summarize([runs[0], copy], tmp_path)
+    config = json.loads((runs[1] / "config.json").read_text())
+    config["config"].update(lr=[1e-5] * 3, out="elsewhere", device="cuda:1")
+    (runs[1] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="differ in lr; summarize averages runs that differ in their seed alone"):
+        telme.summarize(runs, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_summarize_a_real_run(demo_run, tmp_path):
+    out, results = demo_run
+    summary = telme.summarize([out], tmp_path)
+    assert summary["phases"]["fusion"]["test_wf1"]["mean"] == pytest.approx(results["fusion"]["test_wf1"])
+    assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Evaluation: official checkpoints as a telme run
 # --------------------------------------------------------------------------------------------------
 # telme's module names -> the official code's, written out independently of telme.OFFICIAL_MODULES.
 TO_OFFICIAL = {
@@ -1855,6 +2004,8 @@ TO_OFFICIAL = {
     "fusion": [("attention.", "multihead_attn."), ("student_norm.", "AV_LayerNorm."), ("gate.", "W_hav."),
                ("shift.", "W_av."), ("output_norm.", "LayerNorm."), ("classifier.", "W.")],
 }
+
+
 OFFICIAL_LAYOUT = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
                    "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
 
@@ -1946,64 +2097,144 @@ def test_import_official_records_compat_and_names_bad_keys(demo_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Several seeds, the run.sh driver, the Docker image
+# 7. Synthetic data and the offline demo
 # --------------------------------------------------------------------------------------------------
-def fake_run(path: Path, seed: int, wf1: dict, seconds=None) -> Path:
-    """A run directory holding only what summarize reads."""
-    path.mkdir(parents=True)
-    metrics = {phase: {"dev_wf1": dev, "test_wf1": test, "best_epoch": 1, "per_class": {}, "confusion": {}}
-               for phase, (dev, test) in wf1.items()}
-    (path / "metrics.json").write_text(json.dumps(metrics))
-    (path / "config.json").write_text(json.dumps({"config": {"seed": seed}, "device": "NVIDIA H100"}))
-    if seconds is not None:
-        (path / "wall_clock_s").write_text(str(seconds))
-    return path
-
-
-def test_summarize_gives_mean_and_sample_std_per_phase(tmp_path, capsys):
-    runs = [fake_run(tmp_path / "seed42", 42, {"teacher": (60, 61), "fusion": (66, 67)}, 100),
-            fake_run(tmp_path / "seed43", 43, {"teacher": (62, 63), "fusion": (68, 65)}, 300),
-            fake_run(tmp_path / "seed44", 44, {"teacher": (64, 65), "fusion": (67, 69)})]
-    telme.main(["summarize", "--out", str(tmp_path), *map(str, runs)])
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds"] == [42, 43, 44] and summary["wall_clock_s"] == [100.0, 300.0, None]
-    assert list(summary["phases"]) == ["teacher", "fusion"]
-    teacher = summary["phases"]["teacher"]
-    assert teacher["n"] == 3 and teacher["dev_wf1"]["mean"] == pytest.approx(62.0)
-    assert teacher["dev_wf1"]["std"] == pytest.approx(2.0)  # sample std of 60, 62, 64
-    fusion = summary["phases"]["fusion"]["test_wf1"]
-    assert fusion["values"] == [67, 65, 69] and fusion["std"] == pytest.approx(2.0)
-    table = capsys.readouterr().out
-    fusion_row = next(line for line in table.splitlines() if line.startswith("| fusion"))
-    assert [" ".join(cell.split()) for cell in fusion_row.strip("|").split("|")] == [
-        "fusion", "67.00 ± 1.00", "67.00 ± 2.00", "3"]
-    assert "3.3 min per run" in table
-    with pytest.raises(SystemExit, match="metrics.json not found"):
-        telme.summarize([tmp_path / "seed45"], tmp_path)
-
-
-def test_summarize_refuses_other_configurations_and_repeated_runs(tmp_path):
-    runs = [fake_run(tmp_path / f"seed{seed}", seed, {"fusion": (60, 61)}) for seed in (42, 43)]
-    with pytest.raises(SystemExit, match="seed42 repeats .*seed42 \\(seed 42\\)"):
-        telme.summarize([runs[0], runs[0]], tmp_path)
-    copy = shutil.copytree(runs[0], tmp_path / "copy")
-    with pytest.raises(SystemExit, match="copy repeats .*seed42 \\(seed 42\\)"):
-        telme.summarize([runs[0], copy], tmp_path)
-    config = json.loads((runs[1] / "config.json").read_text())
-    config["config"].update(lr=[1e-5] * 3, out="elsewhere", device="cuda:1")
-    (runs[1] / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="differ in lr; summarize averages runs that differ in their seed alone"):
-        telme.summarize(runs, tmp_path)
-    assert not (tmp_path / "summary.json").exists()
-
-
-def test_summarize_a_real_run(demo_run, tmp_path):
+def test_demo_metrics_contract_and_fusion_beats_teacher(demo_run):
     out, results = demo_run
-    summary = telme.summarize([out], tmp_path)
-    assert summary["phases"]["fusion"]["test_wf1"]["mean"] == pytest.approx(results["fusion"]["test_wf1"])
-    assert summary["phases"]["fusion"]["test_wf1"]["std"] == 0.0 and summary["seeds"] == [42]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["teacher", "audio", "visual", "fusion"]
+    for m in metrics.values():
+        assert {"dev_wf1", "test_wf1", "best_epoch", "per_class", "confusion"} <= set(m)
+        assert set(m["per_class"]["test"]) == set(telme.EMOTIONS["meld"])
+        assert {"precision", "recall", "f1", "support"} == set(m["per_class"]["test"]["joy"])
+        matrix = np.array(m["confusion"]["test"])
+        assert matrix.shape == (7, 7) and matrix.sum() == sum(
+            r["support"] for r in m["per_class"]["test"].values())
+        assert m["best_epoch"] >= 1
+    assert metrics["fusion"]["test_wf1"] >= metrics["teacher"]["test_wf1"] + 5
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["tau"] == 4.0 and "torch" in config["versions"]
+    for phase in telme.PHASES:
+        assert (out / f"{phase}.safetensors").is_file()
 
 
+def test_the_demo_replaces_only_a_demo_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher.safetensors").write_bytes(b"weights")
+    (run / "config.json").write_text(json.dumps({"config": {"data_dir": "/data/MELD.Raw"}}))
+    with pytest.raises(SystemExit, match="holds a run that is not a demo's; choose another --out"):
+        telme.demo(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "teacher.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Benchmark
+# --------------------------------------------------------------------------------------------------
+def test_bench_phase_times_a_full_size_fusion_with_the_batches_training_and_eval_use():
+    utterances = [telme.Utterance(str(i), "A", "", i % 7, "unused.mp4", "unused.mp4") for i in range(8)]
+    # ShiftingFusion at dim 768, 7 classes; D2 attends over 1536-wide samples, evaluated in batches of 4.
+    for asf_attention, eval_batch, millions in (("modality", 16, 5.32), ("batch", 4, 12.40)):
+        cfg = telme.make_config("meld", quiet=True, eval_batch_size=16, asf_attention=asf_attention)
+        result = telme.bench_phase(("fusion", cfg, utterances, (1, 2), (1, 2), 0))
+        assert result["phase"] == "fusion" and result["eval_batch"] == eval_batch
+        assert result["parameters_m"] == pytest.approx(millions, abs=0.01)
+
+
+def test_bench_names_an_unknown_phase_before_it_builds_anything(tmp_path):
+    with pytest.raises(SystemExit, match="--phases takes teacher,audio,visual,fusion, not teachr"):
+        telme.bench(telme.make_config("meld"), tmp_path, 1, None, "b", phases=("teachr",))
+    assert not any(tmp_path.iterdir())
+
+
+def test_projection_follows_the_measured_rates_and_the_recipe(capsys):
+    """Twice as fast everywhere, half the hours; more epochs or smaller batches, more hours; the
+    printed total is the sum of the phases."""
+    def projected(rate, start_s, fusion_epoch_s, **recipe):
+        steps = [{"phase": p, "steps_per_s": rate, "eval_batches_per_s": 2 * rate, "eval_batch": 16,
+                  "start_s": start_s} for p in telme.PHASES]
+        results = {"steps": steps, "fusion_epoch_s": fusion_epoch_s}
+        telme.print_projection(results, telme.make_config("meld", **recipe))
+        return results["projected_hours"]
+
+    base = projected(1.0, 30.0, 60.0)
+    assert f"total {sum(base.values()):.2f} h" in capsys.readouterr().out
+    fast = projected(2.0, 15.0, 30.0)
+    assert fast == pytest.approx({p: h / 2 for p, h in base.items()})
+    once, twice = projected(1.0, 0.0, 60.0), projected(1.0, 0.0, 60.0, epochs=(20, 20, 20))
+    assert twice["teacher"] == pytest.approx(2 * once["teacher"])  # epochs alone
+    # The students and the fusion also pay passes of the frozen encoders that run once.
+    assert all(once[p] < twice[p] < 2 * once[p] for p in ("students", "fusion"))
+    assert projected(1.0, 0.0, 60.0, batch_size=2)["teacher"] > once["teacher"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Command line: bad flags, --help, --resume, --threads
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, problem", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--lr", "-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--lr=-1e-3"], "--lr must be above 0, not -0.001"),
+    (["--dropout", "1"], "--dropout must be below 1, not 1.0"),
+    (["--text-model", "/no/such/dir"], "--text-model /no/such/dir: no such directory"),
+    (["--audio-model", "./models/audio"], "--audio-model ./models/audio: no such directory"),
+    (["--video-model", "models/no/video"], "--video-model models/no/video: no such directory"),
+    (["--text-model", "nobody-telme/no-such-model"], "not in the Hugging Face cache"),
+    (["--device", "tpu9"], "--device tpu9: expected auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])
+def test_each_bad_setting_is_one_line_within_seconds_and_writes_nothing(tiny_setup, capsys, monkeypatch,
+                                                                        extra, problem):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1
+    cfg = tiny_setup("bad")
+    line = one_line_exit(capsys, ["train", *cli_flags(cfg), *extra])
+    assert line.startswith("telme: ") and problem in line, line
+    assert not Path(cfg.out).exists()
+
+
+def test_a_bad_flag_exits_1_with_one_line_on_stderr():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, telme.__file__, "train", "--data-dir", ".", "--lr", "-1e-3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "telme: --lr must be above 0, not -0.001\n"
+
+
+def test_help_is_complete(capsys):
+    parser = telme.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "[default: ]" not in text and "SPEC" not in text, name
+        assert "--threads" in text, name
+        assert all(action.help for action in command._actions), (name, [a.dest for a in command._actions if not a.help])
+
+
+def test_resume_keeps_the_run_configuration(tmp_path):
+    telme.write_run_config(telme.make_config("meld", out=str(tmp_path), seed=7), telme.make_runtime(
+        telme.make_config("meld", device="cpu")), tmp_path)
+    parser = telme.build_parser()
+    cfg = telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--device", "cpu"]))
+    assert cfg.seed == 7 and cfg.device == "cpu" and cfg.out == str(tmp_path)
+    with pytest.raises(SystemExit, match="--lr cannot be changed"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--lr", "1e-3"]))
+    # How steps run may change: a compiled run that fails to compile resumes eagerly, and back.
+    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--compile"])).compile
+    # The run's own values may be repeated (run.sh repeats its whole command when it resumes).
+    same = ["--dataset", "meld", "--seed", "7", "--lr", "1e-6,1e-5,1e-5", "--out", str(tmp_path / ".")]
+    assert telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), *same])).seed == 7
+    with pytest.raises(SystemExit, match="--seed cannot be changed"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--seed", "42"]))
+    with pytest.raises(SystemExit, match="name different runs"):
+        telme.resume_config(parser.parse_args(["train", "--resume", str(tmp_path), "--out", "elsewhere"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Command line: the run.sh driver, the Docker image
+# --------------------------------------------------------------------------------------------------
 def stand_in_run_sh(tmp_path, line="$*", make_out=True):
     """run.sh with a stand-in python that appends `line` (by default the telme.py command it is
     given) to tmp_path/calls, and makes the --out folder; MELD_DIR and TELME_OUT (tmp_path/runs) set.
@@ -2019,6 +2250,25 @@ def stand_in_run_sh(tmp_path, line="$*", make_out=True):
            "TELME_OUT": str(tmp_path / "runs")}
     script = Path(telme.__file__).parent / "run.sh"
     return lambda *args: subprocess.run(["bash", str(script), *args], env=env, check=True), log
+
+
+def test_threads_reach_torch_and_run_sh_passes_them(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    data = telme.synth(tmp_path / "data", "meld", dialogues=1)
+    try:
+        for n in (1, 2):
+            telme.main(["stats", "--data-dir", str(data), "--threads", str(n)])
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert telme.default_threads("train") == 3 and telme.default_threads("demo") == telme.DEMO_THREADS
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert telme.default_threads("eval") == len(os.sched_getaffinity(0))
+    run_sh, log = stand_in_run_sh(tmp_path)
+    run_sh("meld", "--threads", "1")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 5 and all(c.endswith("--threads 1") for c in calls)  # prepare, 3 phases, eval
 
 
 def test_run_sh_seeds_runs_the_recipe_once_per_seed_then_summarizes(tmp_path):
@@ -2063,6 +2313,19 @@ def test_run_sh_resumes_a_run_it_began(tmp_path):
     assert not (out / "wall_clock_s").exists()
 
 
+def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path):
+    """--seeds 3 --gpus 2: seeds 42 and 43 on GPUs 0 and 1, then 44 on GPU 0; the summary last."""
+    run_sh, log = stand_in_run_sh(tmp_path, line="gpu=${CUDA_VISIBLE_DEVICES:-none} $*")
+    runs = tmp_path / "runs"
+    run_sh("meld", "--seeds", "3", "--gpus", "2")
+    calls = log.read_text().splitlines()
+    for seed, gpu in ((42, 0), (43, 1), (44, 0)):
+        mine = [c for c in calls if f"--out {runs}/seed{seed} " in c or c.endswith(f"--run {runs}/seed{seed}")]
+        assert len(mine) == 4 and all(c.startswith(f"gpu={gpu} ") for c in mine), mine
+        assert "--gpus" not in " ".join(mine)
+    assert calls[-1] == f"gpu=none telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43 {runs}/seed44"
+
+
 def test_dockerfile_builds_from_what_the_repository_holds():
     """The base image's torch is the one requirements.txt pins, every file the image copies is in the
     repository, nothing runs telme at build time, and the container's user is not root."""
@@ -2080,237 +2343,3 @@ def test_dockerfile_builds_from_what_the_repository_holds():
     assert user and not user[-1].startswith(("root", "0"))
     ignored = (here / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "data"} <= set(ignored)
-
-
-# --------------------------------------------------------------------------------------------------
-# Media cache: decode once, resume, invalidate one entry, identical to decoding on the fly
-# --------------------------------------------------------------------------------------------------
-def tiny_clips(folder: Path, count: int, seed: int = 0) -> list:
-    """`count` one-second clips (64x48 video, 48 kHz stereo audio), one utterance each."""
-    rng = np.random.default_rng(seed)
-    utterances = []
-    for i in range(count):
-        frames = rng.integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)
-        tone = np.sin(2 * np.pi * rng.uniform(200, 2000) * np.arange(48000) / 48000)
-        path = folder / f"dia{i}_utt0.mp4"
-        telme.write_clip(path, frames, 8, np.stack([tone, tone]).astype(np.float32))
-        utterances.append(telme.Utterance(str(i), "A", "", 0, str(path), str(path)))
-    return utterances
-
-
-def cache_files(root: Path) -> dict:
-    """Every file under the cache (temporaries included), relative path -> bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_a_changed_clip_or_setting_invalidates_only_its_own_entries(tmp_path):
-    utterances = tiny_clips(tmp_path / "clips", 3)
-    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
-    media = telme.MediaCache(cfg)
-    assert media.prepare(utterances, workers=1, quiet=True)["decoded"] == 6
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")}
-    old_frames = np.array(media.load("video", utterances[1]))
-    # Clip 1 is rewritten (new content, new size and mtime); clips 0 and 2 are untouched.
-    replacement = tiny_clips(tmp_path / "other", 2, seed=7)[1]
-    Path(utterances[1].video).write_bytes(Path(replacement.video).read_bytes())
-    jobs = media.missing_jobs(utterances)
-    assert [[(kind, path) for kind, path, *_ in job] for job in jobs] == [
-        [("audio", utterances[1].audio), ("video", utterances[1].video)]]
-    counts = media.prepare(utterances, workers=1, quiet=True)
-    assert (counts["cached"], counts["decoded"], counts["clips"]) == (4, 2, 1)
-    for path, mtime in before.items():  # nothing already cached was written again
-        assert path.stat().st_mtime_ns == mtime
-    assert not np.array_equal(media.load("video", utterances[1]), old_frames)
-    # A changed decoding setting re-decodes the entries it concerns, here the video ones only.
-    fewer_frames = telme.MediaCache(telme.make_config("meld", cache_dir=cfg.cache_dir, image_size=16,
-                                                      num_frames=2))
-    assert [[kind for kind, *_ in job] for job in fewer_frames.missing_jobs(utterances)] == [["video"]] * 3
-
-
-def test_cached_reads_are_memory_mapped_equal_the_decoder_and_open_no_media(tmp_path, monkeypatch):
-    utterances = tiny_clips(tmp_path / "clips", 2)
-    cfg = telme.make_config("meld", cache_dir=str(tmp_path / "cache"), image_size=16, num_frames=4)
-    media = telme.MediaCache(cfg)
-    media.prepare(utterances, workers=1, quiet=True)
-    expected = {(kind, i): telme.decode_media(kind, u.video, None, None, media.settings[kind])
-                for kind in ("audio", "video") for i, u in enumerate(utterances)}
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a cached read opened {args[0]}")
-
-    monkeypatch.setattr(telme.av, "open", refuse)
-    dataset = telme.UtteranceDataset(utterances, media=media, kinds=("audio", "video"))
-    for i in range(len(dataset)):
-        item = dataset[i]
-        for kind in ("audio", "video"):
-            assert isinstance(item[kind], np.memmap)
-            assert item[kind].dtype == expected[kind, i].dtype
-            assert np.array_equal(item[kind], expected[kind, i])
-    assert expected["audio", 0].dtype == np.float16 and expected["video", 0].shape == (4, 16, 16, 3)
-    batch = telme.Collate(num_frames=4, image_size=16)([dataset[0], dataset[1]])
-    assert batch["video"].shape == (2, 4, 3, 16, 16) and batch["audio"].abs().sum(1).min() > 0
-
-
-KILLED_PREPARE = """
-import json, os, signal, sys
-import numpy
-import telme
-real_save, calls = numpy.save, []
-def save(f, array):  # the fourth entry: half written, then the process is killed
-    calls.append(1)
-    if len(calls) == 4:
-        f.write(b"\\x93NUMPY partial")
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_save(f, array)
-numpy.save = save
-paths, cache_dir = json.loads(sys.argv[1]), sys.argv[2]
-utterances = [telme.Utterance(str(i), "A", "", 0, p, p) for i, p in enumerate(paths)]
-telme.MediaCache(telme.make_config("meld", cache_dir=cache_dir, image_size=16, num_frames=4)).prepare(
-    utterances, workers=1, quiet=True)
-"""
-
-
-def test_a_prepare_killed_part_way_resumes_to_the_same_cache(tmp_path):
-    import os
-    import subprocess
-    import sys
-    utterances = tiny_clips(tmp_path / "clips", 4)
-    settings = dict(image_size=16, num_frames=4)
-    reference = tmp_path / "reference"
-    telme.MediaCache(telme.make_config("meld", cache_dir=str(reference), **settings)).prepare(
-        utterances, workers=1, quiet=True)
-    cache = tmp_path / "cache"
-    killed = subprocess.run([sys.executable, "-c", KILLED_PREPARE, json.dumps([u.video for u in utterances]),
-                             str(cache)], cwd=Path(telme.__file__).parent, capture_output=True)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    left = cache_files(cache)
-    temporaries = [p for p in cache.rglob(".*") if p.is_file()]
-    assert len([p for p in left if p.endswith(".npy")]) == 3 and len(temporaries) == 1
-    # The half-written entry is not taken for an entry; it is swept once stale.
-    stale = os.stat(temporaries[0]).st_mtime - telme.STALE_TEMPORARY_SECONDS - 1
-    os.utime(temporaries[0], (stale, stale))
-    counts = telme.MediaCache(telme.make_config("meld", cache_dir=str(cache), **settings)).prepare(
-        utterances, workers=1, quiet=True)
-    assert (counts["cached"], counts["decoded"]) == (3, 5)
-    assert cache_files(cache) == cache_files(reference)
-
-
-def test_cached_and_uncached_runs_give_identical_metrics(tmp_path, monkeypatch, tiny_models):
-    """One epoch per phase on a tiny synthetic set: once through the media cache, once decoding
-    every clip each time it is read (nothing written to disk); the metrics must be identical."""
-    data = telme.synth(tmp_path / "data", dialogues=2, seed=1)
-
-    def run(name):
-        cfg = tiny_config("meld", data, tmp_path, tiny_models, max_audio_samples=16000)
-        return telme.train(dataclasses.replace(cfg, out=str(tmp_path / name),
-                                               cache_dir=str(tmp_path / f"cache-{name}")))
-
-    cached = run("cached")
-    assert any((tmp_path / "cache-cached").rglob("*.npy"))
-
-    def decode_on_the_fly(self, kind, u):
-        path, start, end = (u.audio, None, None) if kind == "audio" else (u.video, u.start, u.end)
-        return telme.decode_media(kind, path, start, end, self.settings[kind])
-
-    monkeypatch.setattr(telme.MediaCache, "prepare", lambda self, *args, **kwargs: dict(
-        cached=0, decoded=0, clips=0, workers=0, seconds=0.0))
-    monkeypatch.setattr(telme.MediaCache, "load", decode_on_the_fly)
-    uncached = run("uncached")
-    assert not (tmp_path / "cache-uncached").exists()
-    assert list(cached) == list(telme.PHASES)
-    assert uncached == cached
-
-
-def test_bench_phase_times_a_full_size_fusion_with_the_batches_training_and_eval_use():
-    utterances = [telme.Utterance(str(i), "A", "", i % 7, "unused.mp4", "unused.mp4") for i in range(8)]
-    # ShiftingFusion at dim 768, 7 classes; D2 attends over 1536-wide samples, evaluated in batches of 4.
-    for asf_attention, eval_batch, millions in (("modality", 16, 5.32), ("batch", 4, 12.40)):
-        cfg = telme.make_config("meld", quiet=True, eval_batch_size=16, asf_attention=asf_attention)
-        result = telme.bench_phase(("fusion", cfg, utterances, (1, 2), (1, 2), 0))
-        assert result["phase"] == "fusion" and result["eval_batch"] == eval_batch
-        assert result["parameters_m"] == pytest.approx(millions, abs=0.01)
-
-
-def test_bench_names_an_unknown_phase_before_it_builds_anything(tmp_path):
-    with pytest.raises(SystemExit, match="--phases takes teacher,audio,visual,fusion, not teachr"):
-        telme.bench(telme.make_config("meld"), tmp_path, 1, None, "b", phases=("teachr",))
-    assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
-def test_compile_trains_the_same_fusion_as_eager_under_the_same_names(tmp_path):
-    """--compile changes how a training step runs, not what it computes: one epoch of the fusion
-    gives the same weights up to float rounding (which Adam's normalised steps amplify to ~1e-4 on
-    near-zero gradients; training moved the weights by over 1e-3), saved under the module's own
-    parameter names. Dropout is off: compiled code draws its dropout masks differently."""
-    cfg = telme.make_config("meld", quiet=True, feature_dim=16, heads=2, dropout=0.0)
-    rt = telme.make_runtime(cfg)
-    generator = torch.Generator().manual_seed(0)
-
-    def split(n):
-        return ({k: torch.randn(n, 16, generator=generator) for k in ("f_teacher", "f_audio", "f_visual")}
-                | {"label": torch.randint(7, (n,), generator=generator)})
-
-    outputs = {"train": split(32), "dev": split(8), "test": split(8)}
-    weights = {}
-    for compiled in (False, True):
-        run_cfg = dataclasses.replace(cfg, compile=compiled)
-        run = tmp_path / f"compile-{compiled}"
-        run.mkdir()
-        transformers.set_seed(cfg.seed)
-        fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
-        initial = {k: v.clone() for k, v in fusion.state_dict().items()}
-        loaders = {s: telme.make_loader(telme.FeatureDataset(out), run_cfg, rt, None, shuffle=s == "train",
-                                        seed=cfg.seed) for s, out in outputs.items()}
-        telme.fit("fusion", fusion, loaders, telme.fusion_forward, telme.fusion_loss, 1, 1e-3, run_cfg, rt, run)
-        weights[compiled] = telme.load_file(telme.weights_path(run, "fusion"))
-    assert weights[True].keys() == weights[False].keys() == initial.keys()
-    assert max((w - initial[k]).abs().max() for k, w in weights[False].items()) > 1e-3  # it trained
-    for name, eager in weights[False].items():
-        torch.testing.assert_close(weights[True][name], eager, rtol=1e-3, atol=2e-4)
-
-
-def test_projection_follows_the_measured_rates_and_the_recipe(capsys):
-    """Twice as fast everywhere, half the hours; more epochs or smaller batches, more hours; the
-    printed total is the sum of the phases."""
-    def projected(rate, start_s, fusion_epoch_s, **recipe):
-        steps = [{"phase": p, "steps_per_s": rate, "eval_batches_per_s": 2 * rate, "eval_batch": 16,
-                  "start_s": start_s} for p in telme.PHASES]
-        results = {"steps": steps, "fusion_epoch_s": fusion_epoch_s}
-        telme.print_projection(results, telme.make_config("meld", **recipe))
-        return results["projected_hours"]
-
-    base = projected(1.0, 30.0, 60.0)
-    assert f"total {sum(base.values()):.2f} h" in capsys.readouterr().out
-    fast = projected(2.0, 15.0, 30.0)
-    assert fast == pytest.approx({p: h / 2 for p, h in base.items()})
-    once, twice = projected(1.0, 0.0, 60.0), projected(1.0, 0.0, 60.0, epochs=(20, 20, 20))
-    assert twice["teacher"] == pytest.approx(2 * once["teacher"])  # epochs alone
-    # The students and the fusion also pay passes of the frozen encoders that run once.
-    assert all(once[p] < twice[p] < 2 * once[p] for p in ("students", "fusion"))
-    assert projected(1.0, 0.0, 60.0, batch_size=2)["teacher"] > once["teacher"]
-
-
-def test_forward_only_batches_are_larger_only_where_batch_mates_cannot_change_an_output():
-    cfg = telme.make_config("meld", batch_size=4, eval_batch_size=16)
-    text, audio = telme.UtteranceDataset([], text_ids=[]), telme.UtteranceDataset([], kinds=("audio",))
-    video, features = telme.UtteranceDataset([], kinds=("video",)), telme.FeatureDataset({"label": []})
-    datasets = (text, audio, video, features)
-    assert [telme.loader_batch_size(d, cfg, training=True) for d in datasets] == [4, 4, 4, 4]
-    assert [telme.loader_batch_size(d, cfg, training=False) for d in datasets] == [16, 4, 16, 16]
-    d2 = dataclasses.replace(cfg, asf_attention="batch")  # D2: a sample's output depends on its batch
-    assert telme.loader_batch_size(features, d2, training=False) == 4
-
-
-def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path):
-    """--seeds 3 --gpus 2: seeds 42 and 43 on GPUs 0 and 1, then 44 on GPU 0; the summary last."""
-    run_sh, log = stand_in_run_sh(tmp_path, line="gpu=${CUDA_VISIBLE_DEVICES:-none} $*")
-    runs = tmp_path / "runs"
-    run_sh("meld", "--seeds", "3", "--gpus", "2")
-    calls = log.read_text().splitlines()
-    for seed, gpu in ((42, 0), (43, 1), (44, 0)):
-        mine = [c for c in calls if f"--out {runs}/seed{seed} " in c or c.endswith(f"--run {runs}/seed{seed}")]
-        assert len(mine) == 4 and all(c.startswith(f"gpu={gpu} ") for c in mine), mine
-        assert "--gpus" not in " ".join(mine)
-    assert calls[-1] == f"gpu=none telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43 {runs}/seed44"
