@@ -129,6 +129,8 @@ class Config:
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
     """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
+    text_bucket: int = 0
+    """teacher prompts left-padded to a multiple of this many tokens (at most max_text_tokens), for a few static shapes; 0: to the batch's longest. Outputs equal to rounding (README: Speed)"""
     audio_rate: int = 16000
     """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
     num_frames: int = 8
@@ -224,7 +226,7 @@ NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
 # The smallest value of each numeric flag and whether that value itself is allowed; make_config
 # checks them, so that a bad flag stops before anything is read or written.
 LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
-                "max_text_tokens": (2, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
+                "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
                 "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
                 "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
                 "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
@@ -1136,6 +1138,8 @@ class Collate:
     frames that are zero after normalisation), as nothing tells the model a modality is absent."""
 
     pad_id: int = 0
+    text_bucket: int = 0  # prompts padded to a multiple of this (0: to the longest), at most max_text
+    max_text: int = 512
     image_mean: tuple = TIMESFORMER_IMAGE_STATS[0]
     image_std: tuple = TIMESFORMER_IMAGE_STATS[1]
     num_frames: int = 8
@@ -1151,6 +1155,8 @@ class Collate:
                  "label": torch.tensor([it["label"] for it in items])}
         if "input_ids" in items[0]:
             length = max(len(it["input_ids"]) for it in items)
+            if self.text_bucket:  # static shapes; the output is the prompt's own (TextTeacher)
+                length = max(length, min(self.max_text, -(-length // self.text_bucket) * self.text_bucket))
             ids = torch.full((len(items), length), self.pad_id)
             mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, it in enumerate(items):
@@ -1800,7 +1806,8 @@ def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
     return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
                    num_frames=cfg.num_frames, image_size=cfg.image_size,
                    audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
-                   audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding)
+                   audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding,
+                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens)
 
 
 def text_forward(model, batch):

@@ -2314,3 +2314,32 @@ def test_run_sh_seeds_with_gpus_places_one_seed_per_gpu_then_summarizes(tmp_path
         assert len(mine) == 4 and all(c.startswith(f"gpu={gpu} ") for c in mine), mine
         assert "--gpus" not in " ".join(mine)
     assert calls[-1] == f"gpu=none telme.py summarize --out {runs} {runs}/seed42 {runs}/seed43 {runs}/seed44"
+
+
+# --------------------------------------------------------------------------------------------------
+# Static shapes and graphed steps
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_text_bucket_pads_to_a_multiple_and_keeps_each_prompts_output(family):
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    small = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    encoder = (RobertaModel(RobertaConfig(pad_token_id=1, **small)) if family == "roberta"
+               else BertModel(BertConfig(**small)))
+    teacher = telme.TextTeacher(encoder, 7, 12).eval()
+    items = [{"index": i, "label": 0, "input_ids": torch.randint(3, 60, (n,)).tolist()}
+             for i, n in enumerate((5, 13, 9, 2))]
+    pad_id = encoder.config.pad_token_id
+    with torch.no_grad():
+        longest = telme.Collate(pad_id=pad_id)(items)
+        assert longest["input_ids"].shape[1] == 13
+        for bucket, max_text, length in ((8, 512, 16), (5, 512, 15), (8, 14, 14), (13, 512, 13)):
+            batch = telme.Collate(pad_id=pad_id, text_bucket=bucket, max_text=max_text)(items)
+            assert batch["input_ids"].shape[1] == length
+            assert (batch["attention_mask"].sum(1) == torch.tensor([5, 13, 9, 2])).all()
+            for padded, exact in zip(telme.text_forward(teacher, batch), telme.text_forward(teacher, longest)):
+                torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+    # The flag reaches the collate; it is off by default.
+    assert telme.make_collate(telme.make_config("meld")).text_bucket == 0
+    collate = telme.make_collate(telme.make_config("meld", text_bucket=64, max_text_tokens=100), pad_id=pad_id)
+    assert collate(items)["input_ids"].shape[1] == 64
