@@ -131,6 +131,8 @@ class Config:
     """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
     text_bucket: int = 0
     """teacher prompts left-padded to a multiple of this many tokens (at most max_text_tokens), for a few static shapes; 0: to the batch's longest. Outputs equal to rounding (README: Speed)"""
+    audio_buckets: bool = False
+    """audio batches padded to the next of 0.25, 0.5, 1, 2, 4 ... s (at most max_audio_samples), for a few static shapes; data2vec's positional convolutions see the padding: F_A moves slightly (README: Speed)"""
     audio_rate: int = 16000
     """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
     num_frames: int = 8
@@ -265,6 +267,9 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         if getattr(cfg, name) and not cfg.official_audio_pooling:
             raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
                              "it needs --official-audio-pooling (D3)")
+    if cfg.audio_buckets and cfg.official_audio_pooling:
+        raise SystemExit("telme: --audio-buckets pads beyond the official audio padding; "
+                         "not with --official-audio-pooling (D3) or --compat official")
     for name, (low, inclusive) in LOWER_BOUNDS.items():
         values = getattr(cfg, name)
         for value in values if isinstance(values, tuple) else (values,):
@@ -1148,6 +1153,8 @@ class Collate:
     audio_left_pad: bool = False  # D3: official padding, on the left and with no attention mask
     audio_normalised: bool = False  # D12: waveforms normalised over the whole clip before caching
     pad_to_longest: bool = False  # D13: no min_audio_samples floor (with D3)
+    audio_buckets: bool = False  # pad to min_audio_samples x 2^k, at most max_audio
+    max_audio: int = 400000
     bgr: bool = False  # D7: channels in OpenCV's order, as the official code feeds them
 
     def __call__(self, items):
@@ -1171,6 +1178,9 @@ class Collate:
             lengths = [len(w) for w in waves if w is not None]
             # D13: the official batch is as long as its longest clip, however short that is.
             length = max(lengths) if self.pad_to_longest and lengths else max([self.min_audio_samples] + lengths)
+            if self.audio_buckets:  # static shapes, with the mask marking the real samples as before
+                length = max(length, min(self.max_audio, self.min_audio_samples
+                                         * 2 ** math.ceil(math.log2(length / self.min_audio_samples))))
             audio = torch.zeros((len(items), length))
             mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, w in enumerate(waves):
@@ -1243,8 +1253,8 @@ class AudioStudent(nn.Module):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
         self.first_frame = first_frame
 
-    def forward(self, audio, audio_mask):
-        hidden = self.encoder(audio, attention_mask=audio_mask).last_hidden_state  # (B, T, D)
+    def forward(self, audio, audio_mask, time_masks=None):  # time_masks: see host_time_masks
+        hidden = self.encoder(audio, attention_mask=audio_mask, mask_time_indices=time_masks).last_hidden_state
         if self.first_frame:  # D3 (official): frame 0, padding for all but the batch's longest clip
             feature = hidden[:, 0]
             return feature, self.classifier(feature)
@@ -1807,7 +1817,8 @@ def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
                    num_frames=cfg.num_frames, image_size=cfg.image_size,
                    audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
                    audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding,
-                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens)
+                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens,
+                   audio_buckets=cfg.audio_buckets, max_audio=cfg.max_audio_samples)
 
 
 def text_forward(model, batch):
@@ -1815,7 +1826,26 @@ def text_forward(model, batch):
 
 
 def audio_forward(model, batch):
-    return model(batch["audio"], batch["audio_mask"])
+    return model(batch["audio"], batch["audio_mask"], batch.get("time_masks"))
+
+
+def host_time_masks(encoder: nn.Module, forward):
+    """`forward` with data2vec-audio's SpecAugment time masks drawn here on the host, by the numpy
+    calls its own forward makes in training (the same masks for the same seed), then passed in: a
+    compiled or graphed step holds none of the drawing, and each step draws anew."""
+    # transformers exposes no public function for it; this one is what the model's forward calls.
+    from transformers.models.data2vec.modeling_data2vec_audio import _compute_mask_indices
+    config = encoder.config
+
+    def masked_forward(model, batch):
+        if getattr(config, "apply_spec_augment", True) and config.mask_time_prob > 0:
+            frames = int(encoder._get_feat_extract_output_lengths(batch["audio"].shape[1]))
+            frame_mask = encoder._get_feature_vector_attention_mask(frames, batch["audio_mask"])
+            drawn = _compute_mask_indices((len(frame_mask), frames), config.mask_time_prob,
+                                          config.mask_time_length, frame_mask, config.mask_time_min_masks)
+            batch = batch | {"time_masks": torch.from_numpy(drawn).to(batch["audio"].device)}
+        return forward(model, batch)
+    return masked_forward
 
 
 def video_forward(model, batch):
@@ -2058,7 +2088,8 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
-        loss_fn = student_step_loss(forward, t_features, t_logits, cfg)
+        loss_fn = student_step_loss(host_time_masks(encoder, forward) if kind == "audio" else forward,
+                                    t_features, t_logits, cfg)
         results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
                              cfg, rt, run, scaler)
     return results
@@ -3147,7 +3178,8 @@ def bench_phase(job: tuple) -> dict:
         kind, forward = STUDENT_MEDIA[phase], audio_forward if phase == "audio" else video_forward
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
         dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
-        loss_fn = student_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
+        loss_fn = student_step_loss(host_time_masks(model.encoder, forward) if kind == "audio" else forward,
+                                    torch.randn(n, cfg.feature_dim, device=rt.device),
                                     torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
     trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps

@@ -2343,3 +2343,57 @@ def test_text_bucket_pads_to_a_multiple_and_keeps_each_prompts_output(family):
     assert telme.make_collate(telme.make_config("meld")).text_bucket == 0
     collate = telme.make_collate(telme.make_config("meld", text_bucket=64, max_text_tokens=100), pad_id=pad_id)
     assert collate(items)["input_ids"].shape[1] == 64
+
+
+def test_audio_buckets_pad_to_the_next_power_of_two_quarter_seconds_and_are_refused_under_d3():
+    rng = np.random.default_rng(0)
+    student = telme.build_student("audio", tiny_audio_encoder(), 7).eval()
+    for lengths, max_audio, padded in (((5000, 9000), 400000, 16000), ((3000,), 400000, 4000),
+                                       ((9000, 11000), 12000, 12000), ((64000,), 400000, 64000)):
+        items = [{"index": i, "label": 0, "audio": rng.standard_normal(n).astype(np.float32)}
+                 for i, n in enumerate(lengths)]
+        exact = telme.make_collate(telme.make_config("meld", max_audio_samples=max_audio))(items)
+        batch = telme.make_collate(telme.make_config("meld", max_audio_samples=max_audio, audio_buckets=True))(items)
+        assert batch["audio"].shape[1] == padded
+        n = exact["audio"].shape[1]  # the same samples and mask, then zeros outside the mask
+        assert torch.equal(batch["audio"][:, :n], exact["audio"]) and not batch["audio"][:, n:].any()
+        assert torch.equal(batch["audio_mask"][:, :n], exact["audio_mask"]) and not batch["audio_mask"][:, n:].any()
+        with torch.no_grad():  # one positional convolution: the masked mean sees no padding (to rounding)
+            torch.testing.assert_close(telme.audio_forward(student, batch)[0], telme.audio_forward(student, exact)[0],
+                                       rtol=1e-4, atol=1e-4)
+    assert not telme.make_config("meld").audio_buckets
+    for switches in ({"compat": "official"}, {"official_audio_pooling": True}):
+        with pytest.raises(SystemExit, match="--audio-buckets .* not with --official-audio-pooling"):
+            telme.make_config("meld", audio_buckets=True, **switches)
+
+
+def test_spec_augment_masks_drawn_on_the_host_give_the_internal_draws_loss_and_differ_per_step():
+    """data2vec-audio draws its time masks with numpy inside forward; host_time_masks makes the same
+    numpy calls before forward and passes the masks in: the same masks for the same seed, so the
+    same loss (dropout, drawn by torch, the same too), and new masks at each step."""
+    rng = np.random.default_rng(0)
+    student = telme.build_student("audio", tiny_audio_encoder(), 7).train()
+    items = [{"index": i, "label": i, "audio": rng.standard_normal(n).astype(np.float32)}
+             for i, n in enumerate((9000, 16000, 12000))]
+    batch = telme.make_collate(telme.make_config("meld"))(items)
+    cfg = telme.make_config("meld")
+    t_features, t_logits = torch.randn(3, 16), torch.randn(3, 7)
+    drawn = []
+
+    def recording_forward(model, batch):
+        drawn.append(batch.get("time_masks"))
+        return telme.audio_forward(model, batch)
+    losses = {}
+    for path, forward in (("internal", recording_forward),
+                          ("host", telme.host_time_masks(student.encoder, recording_forward))):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loss_fn = telme.student_step_loss(forward, t_features, t_logits, cfg)
+        losses[path] = [loss_fn(student, batch) for _ in range(2)]
+    assert drawn[0] is None and drawn[1] is None  # the internal path: data2vec draws them itself
+    first, second = drawn[2:]
+    assert first.dtype == torch.bool and first.any() and not torch.equal(first, second)
+    frames = student.encoder._get_feature_vector_attention_mask(first.shape[1], batch["audio_mask"]).bool()
+    assert not (first & ~frames).any()  # only real frames are masked
+    assert losses["host"][0] == losses["internal"][0] and losses["host"][1] == losses["internal"][1]
+    assert losses["host"][0] != losses["host"][1]
