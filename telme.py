@@ -125,6 +125,8 @@ class Config:
     """autocast on CUDA: bf16, fp16 (with a gradient scaler) or off; always off on a CPU"""
     compile: bool = False
     """torch.compile each phase's training step (inductor): minutes to compile, then less host time per step"""
+    compile_mode: str = "default"
+    """torch.compile mode under --compile: default, or reduce-overhead (CUDA graphs, one per input shape, so with --text-bucket and --audio-buckets; the clipping and optimiser update compiled too)"""
     max_text_tokens: int = 512
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
@@ -255,6 +257,8 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
     if cfg.amp not in AUTOCAST_TYPES:
         raise SystemExit(f"telme: --amp must be one of {', '.join(AUTOCAST_TYPES)}, not {cfg.amp!r}")
+    if cfg.compile_mode not in ("default", "reduce-overhead"):
+        raise SystemExit(f"telme: --compile-mode must be default or reduce-overhead, not {cfg.compile_mode!r}")
     if cfg.compat not in ("none", "official"):
         raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
     if cfg.compat == "official":  # D1-D16 together; without it each switch keeps its own value
@@ -1892,15 +1896,31 @@ def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
+def compiled_step(trained: nn.Module, optimizer, cfg: Config, device: torch.device) -> tuple:
+    """Under --compile, the module compiled in --compile-mode, and the update train_step calls; under
+    reduce-overhead the update is compiled too, with the learning rate a tensor on the device that
+    the schedule updates in place (a float would be a constant of the compiled code)."""
+    if not cfg.compile:
+        return trained, clip_and_step
+    update = clip_and_step
+    if cfg.compile_mode == "reduce-overhead":
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        update = torch.compile(clip_and_step, mode=cfg.compile_mode)
+    return torch.compile(trained, mode=cfg.compile_mode), update
+
+
 def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
-               rt: Runtime, phase: str) -> torch.Tensor:
+               rt: Runtime, phase: str, update=clip_and_step) -> torch.Tensor:
     """One optimiser step of `phase` on a batch already on the device; returns the loss, still on
-    the device (reading it would make the host wait for the GPU at every step)."""
+    the device (reading it would make the host wait for the GPU at every step). `update`: clipping
+    and the optimiser step, compiled or not (compiled_step)."""
+    torch.compiler.cudagraph_mark_step_begin()  # a new training step: CUDA graphs' outputs may be reused
     with rt.autocast(phase):
         loss = loss_fn(model, batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    clip_and_step(optimizer, scaler, params, cfg)
+    update(optimizer, scaler, params, cfg)
     return loss.detach()
 
 
@@ -1928,9 +1948,9 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             # Stopped between this best epoch's checkpoint and its weights (the weights there, if
             # any, are an earlier run's): the model just restored is that epoch's.
             replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
-    trained = data_parallel(model, rt)
-    if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
-        trained = torch.compile(trained)
+    # At batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark).
+    trained, update = compiled_step(data_parallel(model, rt), optimizer, cfg, rt.device)
+    if cfg.compile:
         log(f"[{phase:7s}] --compile: the first steps compile the training step (minutes on a GPU)")
     for epoch in range(done + 1, epochs + 1):
         model.train()
@@ -1939,7 +1959,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
             total_loss += train_step(trained, to_device(batch, rt.device), loss_fn, optimizer, scaler,
-                                     params, cfg, rt, phase)
+                                     params, cfg, rt, phase, update)
             schedule.step()
         reports = {}
         for split in ("dev", "test"):
@@ -2699,7 +2719,7 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
 # What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
 SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
-                     "compile"}
+                     "compile", "compile_mode", "text_bucket"}
 
 
 def summarize(runs: list[Path], out: Path) -> dict:
@@ -3182,9 +3202,9 @@ def bench_phase(job: tuple) -> dict:
                                     torch.randn(n, cfg.feature_dim, device=rt.device),
                                     torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
-    trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler(phase)
+    trained, update = compiled_step(model, optimizer, cfg, rt.device)  # compiled during the warm-up steps
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
     waited, warmup_started = 0.0, time.perf_counter()
     for step in range(warmup + steps):
@@ -3195,7 +3215,7 @@ def bench_phase(job: tuple) -> dict:
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
-        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase)
+        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase, update)
     rt.synchronize()
     elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
@@ -3250,7 +3270,8 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
     # from the wait for a core (the load average says how shared it was).
     started = time.perf_counter()
     print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile}; "
+          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile} ({cfg.compile_mode}), "
+          f"text bucket {cfg.text_bucket}, audio buckets {cfg.audio_buckets}; "
           f"load average {os.getloadavg()[0]:.1f}")
     cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
     utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
@@ -3394,9 +3415,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(getattr(args, "dataset", "meld"), **overrides)
 
 
-# What `train --resume` may change: where things are and how they run. All but `compile` leave the
+# What `train --resume` may change: where things are and how they run. All but the compile flags leave the
 # results as they were; a compiled part draws other dropout masks (README: GPU path).
-RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile")
+RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile",
+                    "compile_mode")
 
 
 def resume_config(args: argparse.Namespace) -> Config:
@@ -3511,8 +3533,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
     bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
                            help=f"the phases (b) times [default: {','.join(PHASES)}]")
-    add_config_flags(bench_cmd, ("device", "amp", "compile", "workers", "loader_workers", "batch_size",
-                                 "eval_batch_size"))
+    add_config_flags(bench_cmd, ("device", "amp", "compile", "compile_mode", "text_bucket", "audio_buckets",
+                                 "workers", "loader_workers", "batch_size", "eval_batch_size"))
     for name, command in commands.choices.items():
         default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
         command.add_argument("--threads", type=int, default=None,

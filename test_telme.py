@@ -2397,3 +2397,78 @@ def test_spec_augment_masks_drawn_on_the_host_give_the_internal_draws_loss_and_d
     assert not (first & ~frames).any()  # only real frames are masked
     assert losses["host"][0] == losses["internal"][0] and losses["host"][1] == losses["internal"][1]
     assert losses["host"][0] != losses["host"][1]
+
+
+def graphed_fusion_weights(tmp_path, name, epochs, **overrides):
+    """fit's fusion weights after `epochs` epochs on fixed random features (dropout off: compiled code
+    draws its dropout masks differently); the initial weights too."""
+    cfg = telme.make_config("meld", quiet=True, feature_dim=16, heads=2, dropout=0.0, **overrides)
+    rt = telme.make_runtime(cfg)
+    generator = torch.Generator().manual_seed(0)
+    outputs = {s: {k: torch.randn(n, 16, generator=generator) for k in ("f_teacher", "f_audio", "f_visual")}
+               | {"label": torch.randint(7, (n,), generator=generator)} for s, n in (("train", 24), ("dev", 8))}
+    run = tmp_path / name
+    run.mkdir(exist_ok=True)
+    transformers.set_seed(cfg.seed)
+    fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
+    initial = {k: v.clone() for k, v in fusion.state_dict().items()}
+    loaders = {s: telme.make_loader(telme.FeatureDataset(out), cfg, rt, None, shuffle=s == "train", seed=cfg.seed)
+               for s, out in outputs.items()}
+    telme.fit("fusion", fusion, loaders, telme.fusion_forward, telme.fusion_loss, epochs, 1e-3, cfg, rt, run)
+    return telme.load_file(telme.weights_path(run, "fusion")), initial, run
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_graphed_fusion_trains_and_resumes_as_eager(tmp_path, monkeypatch):
+    """--compile-mode reduce-overhead (on a CPU: compiled without CUDA graphs), with the update
+    compiled and a tensor learning rate: two fusion epochs, the run stopped after the first and
+    resumed, give the weights and learning rates of two eager epochs to float rounding."""
+    eager, initial, eager_run = graphed_fusion_weights(tmp_path, "eager", 2)
+    interrupt_after(monkeypatch, "fusion", 1)
+    with pytest.raises(KeyboardInterrupt):
+        graphed_fusion_weights(tmp_path, "graphed", 2, compile=True, compile_mode="reduce-overhead")
+    monkeypatch.undo()
+    graphed, _, graphed_run = graphed_fusion_weights(tmp_path, "graphed", 2, compile=True,
+                                                     compile_mode="reduce-overhead")
+    assert graphed.keys() == eager.keys() == initial.keys()
+    assert max((w - initial[k]).abs().max() for k, w in eager.items()) > 1e-3  # it trained
+    for name, w in eager.items():
+        torch.testing.assert_close(graphed[name], w, rtol=1e-3, atol=2e-4)
+    lrs = [[line.split(" lr ")[1].split()[0] for line in (run / "train.log").read_text().splitlines()]
+           for run in (eager_run, graphed_run)]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_graphed_teacher_steps_on_bucketed_prompts_equal_eager_steps():
+    """A few teacher steps, compiled in reduce-overhead mode on prompts padded to a bucket, against
+    eager steps on prompts padded to each batch's longest: the same parameters to rounding."""
+    from transformers import BertConfig, BertModel
+    params_after = {}
+    for graphed in (False, True):
+        cfg = telme.make_config("meld", compile=graphed, compile_mode="reduce-overhead",
+                                text_bucket=16 if graphed else 0)
+        rt = telme.make_runtime(cfg)
+        torch.manual_seed(0)
+        encoder = BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        teacher = telme.TextTeacher(encoder, 7, 16).train()
+        initial = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        optimizer, scaler = telme.make_optimizer(params, 1e-3), rt.grad_scaler("teacher")
+        schedule = transformers.get_linear_schedule_with_warmup(optimizer, 2, 4)
+        trained, update = telme.compiled_step(teacher, optimizer, cfg, rt.device)
+        assert torch.is_tensor(optimizer.param_groups[0]["lr"]) is graphed
+        generator = torch.Generator().manual_seed(1)
+        collate = telme.make_collate(cfg)
+        for step in range(4):
+            items = [{"index": i, "label": i, "input_ids": torch.randint(3, 60, (n,), generator=generator).tolist()}
+                     for i, n in enumerate(torch.randint(2, 12, (4,), generator=generator).tolist())]
+            batch = collate(items)
+            assert batch["input_ids"].shape[1] == (16 if graphed else max(len(it["input_ids"]) for it in items))
+            telme.train_step(trained, batch, telme.teacher_loss, optimizer, scaler, params, cfg, rt, "teacher", update)
+            schedule.step()
+        params_after[graphed] = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    assert max((w - initial[k]).abs().max() for k, w in params_after[False].items()) > 1e-3  # it trained
+    for name, eager in params_after[False].items():
+        torch.testing.assert_close(params_after[True][name], eager, rtol=1e-3, atol=2e-4)
