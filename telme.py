@@ -230,7 +230,8 @@ NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
 # The smallest value of each numeric flag and whether that value itself is allowed; make_config
 # checks them, so that a bad flag stops before anything is read or written.
 LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
-                "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
+                "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True),
+                "audio_rate": (1, True),
                 "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
                 "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
                 "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
