@@ -125,10 +125,16 @@ class Config:
     """autocast on CUDA: bf16, fp16 (with a gradient scaler) or off; always off on a CPU"""
     compile: bool = False
     """torch.compile each phase's training step (inductor): minutes to compile, then less host time per step"""
+    compile_mode: str = "default"
+    """torch.compile mode under --compile: default, or reduce-overhead (CUDA graphs, one per input shape, so with --text-bucket and --audio-buckets; the clipping and optimiser update compiled too)"""
     max_text_tokens: int = 512
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
     """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
+    text_bucket: int = 0
+    """teacher prompts left-padded to a multiple of this many tokens (at most max_text_tokens), for a few static shapes; 0: to the batch's longest. Outputs equal to rounding (README: Speed)"""
+    audio_buckets: bool = False
+    """audio batches padded to the next of 0.25, 0.5, 1, 2, 4 ... s (at most max_audio_samples), for a few static shapes; data2vec's positional convolutions see the padding: F_A moves slightly (README: Speed)"""
     audio_rate: int = 16000
     """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
     num_frames: int = 8
@@ -224,7 +230,8 @@ NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
 # The smallest value of each numeric flag and whether that value itself is allowed; make_config
 # checks them, so that a bad flag stops before anything is read or written.
 LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
-                "max_text_tokens": (2, True), "max_audio_samples": (1, True), "audio_rate": (1, True),
+                "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True),
+                "audio_rate": (1, True),
                 "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
                 "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
                 "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
@@ -251,6 +258,8 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
     if cfg.amp not in AUTOCAST_TYPES:
         raise SystemExit(f"telme: --amp must be one of {', '.join(AUTOCAST_TYPES)}, not {cfg.amp!r}")
+    if cfg.compile_mode not in ("default", "reduce-overhead"):
+        raise SystemExit(f"telme: --compile-mode must be default or reduce-overhead, not {cfg.compile_mode!r}")
     if cfg.compat not in ("none", "official"):
         raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
     if cfg.compat == "official":  # D1-D16 together; without it each switch keeps its own value
@@ -263,6 +272,9 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         if getattr(cfg, name) and not cfg.official_audio_pooling:
             raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
                              "it needs --official-audio-pooling (D3)")
+    if cfg.audio_buckets and cfg.official_audio_pooling:
+        raise SystemExit("telme: --audio-buckets pads beyond the official audio padding; "
+                         "not with --official-audio-pooling (D3) or --compat official")
     for name, (low, inclusive) in LOWER_BOUNDS.items():
         values = getattr(cfg, name)
         for value in values if isinstance(values, tuple) else (values,):
@@ -1136,6 +1148,8 @@ class Collate:
     frames that are zero after normalisation), as nothing tells the model a modality is absent."""
 
     pad_id: int = 0
+    text_bucket: int = 0  # prompts padded to a multiple of this (0: to the longest), at most max_text
+    max_text: int = 512
     image_mean: tuple = TIMESFORMER_IMAGE_STATS[0]
     image_std: tuple = TIMESFORMER_IMAGE_STATS[1]
     num_frames: int = 8
@@ -1144,6 +1158,8 @@ class Collate:
     audio_left_pad: bool = False  # D3: official padding, on the left and with no attention mask
     audio_normalised: bool = False  # D12: waveforms normalised over the whole clip before caching
     pad_to_longest: bool = False  # D13: no min_audio_samples floor (with D3)
+    audio_buckets: bool = False  # pad to min_audio_samples x 2^k, at most max_audio
+    max_audio: int = 400000
     bgr: bool = False  # D7: channels in OpenCV's order, as the official code feeds them
 
     def __call__(self, items):
@@ -1151,6 +1167,8 @@ class Collate:
                  "label": torch.tensor([it["label"] for it in items])}
         if "input_ids" in items[0]:
             length = max(len(it["input_ids"]) for it in items)
+            if self.text_bucket:  # static shapes; the output is the prompt's own (TextTeacher)
+                length = max(length, min(self.max_text, -(-length // self.text_bucket) * self.text_bucket))
             ids = torch.full((len(items), length), self.pad_id)
             mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, it in enumerate(items):
@@ -1165,6 +1183,9 @@ class Collate:
             lengths = [len(w) for w in waves if w is not None]
             # D13: the official batch is as long as its longest clip, however short that is.
             length = max(lengths) if self.pad_to_longest and lengths else max([self.min_audio_samples] + lengths)
+            if self.audio_buckets:  # static shapes, with the mask marking the real samples as before
+                length = max(length, min(self.max_audio, self.min_audio_samples
+                                         * 2 ** math.ceil(math.log2(length / self.min_audio_samples))))
             audio = torch.zeros((len(items), length))
             mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, w in enumerate(waves):
@@ -1237,8 +1258,8 @@ class AudioStudent(nn.Module):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
         self.first_frame = first_frame
 
-    def forward(self, audio, audio_mask):
-        hidden = self.encoder(audio, attention_mask=audio_mask).last_hidden_state  # (B, T, D)
+    def forward(self, audio, audio_mask, time_masks=None):  # time_masks: see host_time_masks
+        hidden = self.encoder(audio, attention_mask=audio_mask, mask_time_indices=time_masks).last_hidden_state
         if self.first_frame:  # D3 (official): frame 0, padding for all but the batch's longest clip
             feature = hidden[:, 0]
             return feature, self.classifier(feature)
@@ -1800,7 +1821,9 @@ def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
     return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
                    num_frames=cfg.num_frames, image_size=cfg.image_size,
                    audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
-                   audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding)
+                   audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding,
+                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens,
+                   audio_buckets=cfg.audio_buckets, max_audio=cfg.max_audio_samples)
 
 
 def text_forward(model, batch):
@@ -1808,7 +1831,26 @@ def text_forward(model, batch):
 
 
 def audio_forward(model, batch):
-    return model(batch["audio"], batch["audio_mask"])
+    return model(batch["audio"], batch["audio_mask"], batch.get("time_masks"))
+
+
+def host_time_masks(encoder: nn.Module, forward):
+    """`forward` with data2vec-audio's SpecAugment time masks drawn here on the host, by the numpy
+    calls its own forward makes in training (the same masks for the same seed), then passed in: a
+    compiled or graphed step holds none of the drawing, and each step draws anew."""
+    # transformers exposes no public function for it; this one is what the model's forward calls.
+    from transformers.models.data2vec.modeling_data2vec_audio import _compute_mask_indices
+    config = encoder.config
+
+    def masked_forward(model, batch):
+        if getattr(config, "apply_spec_augment", True) and config.mask_time_prob > 0:
+            frames = int(encoder._get_feat_extract_output_lengths(batch["audio"].shape[1]))
+            frame_mask = encoder._get_feature_vector_attention_mask(frames, batch["audio_mask"])
+            drawn = _compute_mask_indices((len(frame_mask), frames), config.mask_time_prob,
+                                          config.mask_time_length, frame_mask, config.mask_time_min_masks)
+            batch = batch | {"time_masks": torch.from_numpy(drawn).to(batch["audio"].device)}
+        return forward(model, batch)
+    return masked_forward
 
 
 def video_forward(model, batch):
@@ -1855,15 +1897,31 @@ def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
+def compiled_step(trained: nn.Module, optimizer, cfg: Config, device: torch.device) -> tuple:
+    """Under --compile, the module compiled in --compile-mode, and the update train_step calls; under
+    reduce-overhead the update is compiled too, with the learning rate a tensor on the device that
+    the schedule updates in place (a float would be a constant of the compiled code)."""
+    if not cfg.compile:
+        return trained, clip_and_step
+    update = clip_and_step
+    if cfg.compile_mode == "reduce-overhead":
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        update = torch.compile(clip_and_step, mode=cfg.compile_mode)
+    return torch.compile(trained, mode=cfg.compile_mode), update
+
+
 def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
-               rt: Runtime, phase: str) -> torch.Tensor:
+               rt: Runtime, phase: str, update=clip_and_step) -> torch.Tensor:
     """One optimiser step of `phase` on a batch already on the device; returns the loss, still on
-    the device (reading it would make the host wait for the GPU at every step)."""
+    the device (reading it would make the host wait for the GPU at every step). `update`: clipping
+    and the optimiser step, compiled or not (compiled_step)."""
+    torch.compiler.cudagraph_mark_step_begin()  # a new training step: CUDA graphs' outputs may be reused
     with rt.autocast(phase):
         loss = loss_fn(model, batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    clip_and_step(optimizer, scaler, params, cfg)
+    update(optimizer, scaler, params, cfg)
     return loss.detach()
 
 
@@ -1891,9 +1949,9 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             # Stopped between this best epoch's checkpoint and its weights (the weights there, if
             # any, are an earlier run's): the model just restored is that epoch's.
             replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
-    trained = data_parallel(model, rt)
-    if cfg.compile:  # at batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark)
-        trained = torch.compile(trained)
+    # At batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark).
+    trained, update = compiled_step(data_parallel(model, rt), optimizer, cfg, rt.device)
+    if cfg.compile:
         log(f"[{phase:7s}] --compile: the first steps compile the training step (minutes on a GPU)")
     for epoch in range(done + 1, epochs + 1):
         model.train()
@@ -1902,7 +1960,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         started, total_loss = time.time(), torch.zeros((), device=rt.device)
         for batch in progress(loaders["train"], f"{phase} {epoch}/{epochs}", cfg.quiet):
             total_loss += train_step(trained, to_device(batch, rt.device), loss_fn, optimizer, scaler,
-                                     params, cfg, rt, phase)
+                                     params, cfg, rt, phase, update)
             schedule.step()
         reports = {}
         for split in ("dev", "test"):
@@ -2051,7 +2109,8 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
-        loss_fn = student_step_loss(forward, t_features, t_logits, cfg)
+        loss_fn = student_step_loss(host_time_masks(encoder, forward) if kind == "audio" else forward,
+                                    t_features, t_logits, cfg)
         results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
                              cfg, rt, run, scaler)
     return results
@@ -2661,7 +2720,7 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
 # What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
 SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
-                     "compile"}
+                     "compile", "compile_mode", "text_bucket"}
 
 
 def summarize(runs: list[Path], out: Path) -> dict:
@@ -3140,12 +3199,13 @@ def bench_phase(job: tuple) -> dict:
         kind, forward = STUDENT_MEDIA[phase], audio_forward if phase == "audio" else video_forward
         model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
         dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
-        loss_fn = student_step_loss(forward, torch.randn(n, cfg.feature_dim, device=rt.device),
+        loss_fn = student_step_loss(host_time_masks(model.encoder, forward) if kind == "audio" else forward,
+                                    torch.randn(n, cfg.feature_dim, device=rt.device),
                                     torch.randn(n, classes, device=rt.device), cfg)
     model.to(rt.device).train()
-    trained = torch.compile(model) if cfg.compile else model  # compiled during the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler(phase)
+    trained, update = compiled_step(model, optimizer, cfg, rt.device)  # compiled during the warm-up steps
     batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
     waited, warmup_started = 0.0, time.perf_counter()
     for step in range(warmup + steps):
@@ -3156,7 +3216,7 @@ def bench_phase(job: tuple) -> dict:
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
-        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase)
+        train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase, update)
     rt.synchronize()
     elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
@@ -3211,7 +3271,8 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
     # from the wait for a core (the load average says how shared it was).
     started = time.perf_counter()
     print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile}; "
+          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile} ({cfg.compile_mode}), "
+          f"text bucket {cfg.text_bucket}, audio buckets {cfg.audio_buckets}; "
           f"load average {os.getloadavg()[0]:.1f}")
     cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
     utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
@@ -3355,9 +3416,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(getattr(args, "dataset", "meld"), **overrides)
 
 
-# What `train --resume` may change: where things are and how they run. All but `compile` leave the
+# What `train --resume` may change: where things are and how they run. All but the compile flags leave the
 # results as they were; a compiled part draws other dropout masks (README: GPU path).
-RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile")
+RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile",
+                    "compile_mode")
 
 
 def resume_config(args: argparse.Namespace) -> Config:
@@ -3472,8 +3534,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
     bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
                            help=f"the phases (b) times [default: {','.join(PHASES)}]")
-    add_config_flags(bench_cmd, ("device", "amp", "compile", "workers", "loader_workers", "batch_size",
-                                 "eval_batch_size"))
+    add_config_flags(bench_cmd, ("device", "amp", "compile", "compile_mode", "text_bucket", "audio_buckets",
+                                 "workers", "loader_workers", "batch_size", "eval_batch_size"))
     for name, command in commands.choices.items():
         default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
         command.add_argument("--threads", type=int, default=None,

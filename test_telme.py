@@ -512,7 +512,7 @@ def bert_wordpiece_tokenizer():
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Data: media decoding; faulty media -> a reason, a log line, a count, a missing-modality flag
+# 1. Data: media decoding; faulty media -> a reason, a log line, a count, zeros in its place
 # --------------------------------------------------------------------------------------------------
 def test_audio_resampled_to_16k_mono_with_the_right_length_and_pitch(tmp_path):
     rate, seconds = 22050, 1.5
@@ -1327,6 +1327,164 @@ def test_two_process_gloo_run_shards_train_and_counts_every_test_utterance_once(
     assert any(path.startswith(cfg.cache_dir) for path in first)
     log = (run / "train.log").read_text().splitlines()
     assert len(log) == 4 * 2 and len(set(log)) == len(log)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Training: static shapes (padding buckets) and graphed steps
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_text_bucket_pads_to_a_multiple_and_keeps_each_prompts_output(family):
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    small = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    encoder = (RobertaModel(RobertaConfig(pad_token_id=1, **small)) if family == "roberta"
+               else BertModel(BertConfig(**small)))
+    teacher = telme.TextTeacher(encoder, 7, 12).eval()
+    items = [{"index": i, "label": 0, "input_ids": torch.randint(3, 60, (n,)).tolist()}
+             for i, n in enumerate((5, 13, 9, 2))]
+    pad_id = encoder.config.pad_token_id
+    with torch.no_grad():
+        longest = telme.Collate(pad_id=pad_id)(items)
+        assert longest["input_ids"].shape[1] == 13
+        for bucket, max_text, length in ((8, 512, 16), (5, 512, 15), (8, 14, 14), (13, 512, 13)):
+            batch = telme.Collate(pad_id=pad_id, text_bucket=bucket, max_text=max_text)(items)
+            assert batch["input_ids"].shape[1] == length
+            assert (batch["attention_mask"].sum(1) == torch.tensor([5, 13, 9, 2])).all()
+            for padded, exact in zip(telme.text_forward(teacher, batch), telme.text_forward(teacher, longest)):
+                torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+    # The flag reaches the collate; it is off by default.
+    assert telme.make_collate(telme.make_config("meld")).text_bucket == 0
+    collate = telme.make_collate(telme.make_config("meld", text_bucket=64, max_text_tokens=100), pad_id=pad_id)
+    assert collate(items)["input_ids"].shape[1] == 64
+
+
+def test_audio_buckets_pad_to_the_next_power_of_two_quarter_seconds_and_are_refused_under_d3():
+    rng = np.random.default_rng(0)
+    student = telme.build_student("audio", tiny_audio_encoder(), 7).eval()
+    for lengths, max_audio, padded in (((5000, 9000), 400000, 16000), ((3000,), 400000, 4000),
+                                       ((9000, 11000), 12000, 12000), ((64000,), 400000, 64000)):
+        items = [{"index": i, "label": 0, "audio": rng.standard_normal(n).astype(np.float32)}
+                 for i, n in enumerate(lengths)]
+        exact = telme.make_collate(telme.make_config("meld", max_audio_samples=max_audio))(items)
+        batch = telme.make_collate(telme.make_config("meld", max_audio_samples=max_audio, audio_buckets=True))(items)
+        assert batch["audio"].shape[1] == padded
+        n = exact["audio"].shape[1]  # the same samples and mask, then zeros outside the mask
+        assert torch.equal(batch["audio"][:, :n], exact["audio"]) and not batch["audio"][:, n:].any()
+        assert torch.equal(batch["audio_mask"][:, :n], exact["audio_mask"]) and not batch["audio_mask"][:, n:].any()
+        with torch.no_grad():  # one positional convolution: the masked mean sees no padding (to rounding)
+            torch.testing.assert_close(telme.audio_forward(student, batch)[0], telme.audio_forward(student, exact)[0],
+                                       rtol=1e-4, atol=1e-4)
+    assert not telme.make_config("meld").audio_buckets
+    for switches in ({"compat": "official"}, {"official_audio_pooling": True}):
+        with pytest.raises(SystemExit, match="--audio-buckets .* not with --official-audio-pooling"):
+            telme.make_config("meld", audio_buckets=True, **switches)
+
+
+def test_spec_augment_masks_drawn_on_the_host_give_the_internal_draws_loss_and_differ_per_step():
+    """data2vec-audio draws its time masks with numpy inside forward; host_time_masks makes the same
+    numpy calls before forward and passes the masks in: the same masks for the same seed, so the
+    same loss (dropout, drawn by torch, the same too), and new masks at each step."""
+    rng = np.random.default_rng(0)
+    student = telme.build_student("audio", tiny_audio_encoder(), 7).train()
+    items = [{"index": i, "label": i, "audio": rng.standard_normal(n).astype(np.float32)}
+             for i, n in enumerate((9000, 16000, 12000))]
+    batch = telme.make_collate(telme.make_config("meld"))(items)
+    cfg = telme.make_config("meld")
+    t_features, t_logits = torch.randn(3, 16), torch.randn(3, 7)
+    drawn = []
+
+    def recording_forward(model, batch):
+        drawn.append(batch.get("time_masks"))
+        return telme.audio_forward(model, batch)
+    losses = {}
+    for path, forward in (("internal", recording_forward),
+                          ("host", telme.host_time_masks(student.encoder, recording_forward))):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loss_fn = telme.student_step_loss(forward, t_features, t_logits, cfg)
+        losses[path] = [loss_fn(student, batch) for _ in range(2)]
+    assert drawn[0] is None and drawn[1] is None  # the internal path: data2vec draws them itself
+    first, second = drawn[2:]
+    assert first.dtype == torch.bool and first.any() and not torch.equal(first, second)
+    frames = student.encoder._get_feature_vector_attention_mask(first.shape[1], batch["audio_mask"]).bool()
+    assert not (first & ~frames).any()  # only real frames are masked
+    assert losses["host"][0] == losses["internal"][0] and losses["host"][1] == losses["internal"][1]
+    assert losses["host"][0] != losses["host"][1]
+
+
+def graphed_fusion_weights(tmp_path, name, epochs, **overrides):
+    """fit's fusion weights after `epochs` epochs on fixed random features (dropout off: compiled code
+    draws its dropout masks differently); the initial weights too."""
+    cfg = telme.make_config("meld", quiet=True, feature_dim=16, heads=2, dropout=0.0, **overrides)
+    rt = telme.make_runtime(cfg)
+    generator = torch.Generator().manual_seed(0)
+    outputs = {s: {k: torch.randn(n, 16, generator=generator) for k in ("f_teacher", "f_audio", "f_visual")}
+               | {"label": torch.randint(7, (n,), generator=generator)} for s, n in (("train", 24), ("dev", 8))}
+    run = tmp_path / name
+    run.mkdir(exist_ok=True)
+    transformers.set_seed(cfg.seed)
+    fusion = telme.ShiftingFusion(16, 7, 2, 0.0, cfg.theta)
+    initial = {k: v.clone() for k, v in fusion.state_dict().items()}
+    loaders = {s: telme.make_loader(telme.FeatureDataset(out), cfg, rt, None, shuffle=s == "train", seed=cfg.seed)
+               for s, out in outputs.items()}
+    telme.fit("fusion", fusion, loaders, telme.fusion_forward, telme.fusion_loss, epochs, 1e-3, cfg, rt, run)
+    return telme.load_file(telme.weights_path(run, "fusion")), initial, run
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_graphed_fusion_trains_and_resumes_as_eager(tmp_path, monkeypatch):
+    """--compile-mode reduce-overhead (on a CPU: compiled without CUDA graphs), with the update
+    compiled and a tensor learning rate: two fusion epochs, the run stopped after the first and
+    resumed, give the weights and learning rates of two eager epochs to float rounding."""
+    eager, initial, eager_run = graphed_fusion_weights(tmp_path, "eager", 2)
+    interrupt_after(monkeypatch, "fusion", 1)
+    with pytest.raises(KeyboardInterrupt):
+        graphed_fusion_weights(tmp_path, "graphed", 2, compile=True, compile_mode="reduce-overhead")
+    monkeypatch.undo()
+    graphed, _, graphed_run = graphed_fusion_weights(tmp_path, "graphed", 2, compile=True,
+                                                     compile_mode="reduce-overhead")
+    assert graphed.keys() == eager.keys() == initial.keys()
+    assert max((w - initial[k]).abs().max() for k, w in eager.items()) > 1e-3  # it trained
+    for name, w in eager.items():
+        torch.testing.assert_close(graphed[name], w, rtol=1e-3, atol=2e-4)
+    lrs = [[line.split(" lr ")[1].split()[0] for line in (run / "train.log").read_text().splitlines()]
+           for run in (eager_run, graphed_run)]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_graphed_teacher_steps_on_bucketed_prompts_equal_eager_steps():
+    """A few teacher steps, compiled in reduce-overhead mode on prompts padded to a bucket, against
+    eager steps on prompts padded to each batch's longest: the same parameters to rounding."""
+    from transformers import BertConfig, BertModel
+    params_after = {}
+    for graphed in (False, True):
+        cfg = telme.make_config("meld", compile=graphed, compile_mode="reduce-overhead",
+                                text_bucket=16 if graphed else 0)
+        rt = telme.make_runtime(cfg)
+        torch.manual_seed(0)
+        encoder = BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        teacher = telme.TextTeacher(encoder, 7, 16).train()
+        initial = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        optimizer, scaler = telme.make_optimizer(params, 1e-3), rt.grad_scaler("teacher")
+        schedule = transformers.get_linear_schedule_with_warmup(optimizer, 2, 4)
+        trained, update = telme.compiled_step(teacher, optimizer, cfg, rt.device)
+        assert torch.is_tensor(optimizer.param_groups[0]["lr"]) is graphed
+        generator = torch.Generator().manual_seed(1)
+        collate = telme.make_collate(cfg)
+        for step in range(4):
+            items = [{"index": i, "label": i, "input_ids": torch.randint(3, 60, (n,), generator=generator).tolist()}
+                     for i, n in enumerate(torch.randint(2, 12, (4,), generator=generator).tolist())]
+            batch = collate(items)
+            assert batch["input_ids"].shape[1] == (16 if graphed else max(len(it["input_ids"]) for it in items))
+            telme.train_step(trained, batch, telme.teacher_loss, optimizer, scaler, params, cfg, rt, "teacher", update)
+            schedule.step()
+        params_after[graphed] = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    assert max((w - initial[k]).abs().max() for k, w in params_after[False].items()) > 1e-3  # it trained
+    for name, eager in params_after[False].items():
+        torch.testing.assert_close(params_after[True][name], eager, rtol=1e-3, atol=2e-4)
 
 
 # --------------------------------------------------------------------------------------------------
