@@ -9,8 +9,8 @@
 #   add --seeds N to demo/meld/iemocap: N runs, seeds 42.., into runs/DATASET/seedS, then
 #   runs/DATASET/summary.json and a table of mean ± std per phase
 #   add --gpus G to meld/iemocap: one run over G GPUs (torchrun, DDP); with --seeds N: one seed per GPU
-#   add --threads N to demo/meld/iemocap/bench: torch's CPU threads (default: the cores this process
-#   may use; the demo's: 1); on a CPU shared with other jobs, 1 avoids threads spinning for a core
+#   add --threads N to demo/meld/iemocap/bench: torch's CPU threads (default: $OMP_NUM_THREADS, else the
+#   cores this process may use; the demo's: 1); on a CPU shared with other jobs, 1 avoids threads spinning
 # On first use it creates .venv and installs requirements.txt, unless TELME_PYTHON names a Python
 # that has them, or an activated virtualenv/conda environment already has them.
 # Every hyperparameter lives in telme.py's PRESETS; extra arguments are passed to `telme.py train`.
@@ -99,7 +99,7 @@ demo() {  # demo [meld|iemocap] [demo flags]: one demo, or one per seed (--seeds
     echo "$((SECONDS - started))" > "$out/seed$seed/wall_clock_s"
     runs+=("$out/seed$seed")
   done
-  $PY telme.py summarize --out "$out" "${runs[@]}"
+  $PY telme.py summarize --out "$out" "${runs[@]}" ${THREADS[@]+"${THREADS[@]}"}
 }
 
 # --seeds N (demo, meld, iemocap): N runs with seeds FIRST_SEED.. (the official seed is 42).
@@ -112,6 +112,7 @@ take_counts() {  # take_counts ARGS...: SEEDS and GPUS from --seeds N and --gpus
       --threads)  # torch's CPU threads: for train and prepare (in ARGS), and for eval and summarize
         THREADS=("$1" "${2:-}") ARGS+=("$1" "${2:-}")
         shift 2 || shift ;;
+      --threads=*) THREADS=("$1") ARGS+=("$1"); shift ;;
       --seeds | --gpus)
         [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: $1 needs a positive count" >&2; exit 2; }
         if [[ "$1" == --seeds ]]; then SEEDS=$2; else GPUS=$2; fi

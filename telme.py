@@ -37,7 +37,8 @@ Map of the file (paper order), and where each piece of the paper lives:
                                     fit: the best dev epoch, the lr schedule (schedule_lengths),
                                     checkpoints for --resume, DistributedDataParallel under torchrun
     6. Evaluation ................. split_scores (weighted F1), evaluate (metrics.json), write_report
-                                    (report.md, confusion.png); predict; summarize; import_official
+                                    (report.md, confusion.png), write_predictions; Predictor, predict_csv;
+                                    summarize; import_official
     7. Synthetic data and demo .... synth (the label split across modalities), write_tiny_models, demo
     8. Benchmark .................. bench: decoding, the caches and full-size training steps
     9. Command line ............... main
@@ -166,7 +167,7 @@ class Config:
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
     compat: str = "none"
-    """none: telme's fixes; official: the official code's behaviours D1-D16 (README: Differences), all switched on"""
+    """none: telme's fixes; official: the official code's behaviours D1-D16 (README: Differences; D8 and D10 on MELD only, D9 not reproduced)"""
     official_audio_rate: bool = False
     """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
     official_audio_pooling: bool = False
@@ -1462,7 +1463,7 @@ def build_fusion(cfg: Config) -> ShiftingFusion:
 # ==================================================================================================
 @dataclass
 class Runtime:
-    """Device and precision, chosen once in main()."""
+    """Device and precision, chosen once per command (make_runtime)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
@@ -1769,7 +1770,8 @@ def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when it was saved disabled (on a CPU, or without fp16)
+        scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], generator)
     return state["epoch"], state["best"]
 
@@ -1949,7 +1951,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             # Stopped between this best epoch's checkpoint and its weights (the weights there, if
             # any, are an earlier run's): the model just restored is that epoch's.
             replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
-    # At batch 4 a GPU step is bound by Python and kernel launches (README: Benchmark).
+    # At batch 4 a GPU step is bound by Python and kernel launches (README: Speed).
     trained, update = compiled_step(data_parallel(model, rt), optimizer, cfg, rt.device)
     if cfg.compile:
         log(f"[{phase:7s}] --compile: the first steps compile the training step (minutes on a GPU)")
@@ -2069,8 +2071,8 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
         f"{counts['decoded']} decoded, {sum(faults.values())} faults "
         f"(audio {faults['audio']}, video {faults['video']}){decoded}; cache {media.root}")
     if cfg.strict and sum(faults.values()):
-        raise SystemExit(f"telme: {sum(faults.values())} media faults (listed above); "
-                         "--strict stops before training")
+        raise SystemExit(f"telme: {sum(faults.values())} media faults (listed above): stopped before any "
+                         "model runs (train --strict; predict --csv without --missing-as-zeros)")
     return media
 
 
@@ -2261,7 +2263,12 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
-    todo = [p for p in PHASE_GROUPS[phase] if not (resume and phase_complete(run, p))]
+    # A phase still to train takes along the complete phases built on it: an --overwrite stopped
+    # before its first new weights leaves them marked complete, yet its new weights will remove them.
+    todo = []
+    for p in PHASE_GROUPS[phase]:
+        if not (resume and phase_complete(run, p)) or any(p in DEPENDENT_PHASES[q] for q in todo):
+            todo.append(p)
     for p in todo:
         if p in PHASE_MODELS:
             check_model("--" + PHASE_MODELS[p].replace("_", "-"), getattr(cfg, PHASE_MODELS[p]))
@@ -2357,7 +2364,7 @@ def dataset_labels(dataset) -> np.ndarray:
 
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
-    """One phase's entry of metrics.json (README: outputs); a split that is not there scores None."""
+    """One phase's entry of metrics.json (README: Using a run); a split that is not there scores None."""
     return {"dev_wf1": reports["dev"]["wf1"] if "dev" in reports else None,
             "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
             "best_epoch": best_epoch,
@@ -2453,7 +2460,6 @@ def write_predictions(path: Path, splits: dict, outputs: dict, classes: list[str
     """One row per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label
     (empty where unknown), then each phase's predicted label and class probabilities; for error
     analysis and significance tests."""
-    import io
     phases = [p for p in PHASES if f"z_{p}" in next(iter(outputs.values()))]
     text = io.StringIO()
     writer = csv.writer(text)
@@ -3416,10 +3422,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return make_config(getattr(args, "dataset", "meld"), **overrides)
 
 
-# What `train --resume` may change: where things are and how they run. All but the compile flags leave the
-# results as they were; a compiled part draws other dropout masks (README: GPU path).
+# What `train --resume` may change: where things are and how they run. The compile flags change which
+# dropout masks are drawn, --text-bucket the last float bits; the others leave the results as they were.
 RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet", "compile",
-                    "compile_mode")
+                    "compile_mode", "text_bucket")
 
 
 def resume_config(args: argparse.Namespace) -> Config:
@@ -3572,8 +3578,9 @@ def interrupted(run: Path, phase: str) -> str:
     """The line Ctrl-C during train ends with: what the run directory holds, and how to continue."""
     if not (run / "config.json").is_file():
         return "telme: interrupted before training began; nothing was written"
-    saved = [f"{p} complete" if phase_complete(run, p) else f"{p} up to epoch {saved_epoch(run, p)}"
-             for p in PHASES if phase_complete(run, p) or saved_epoch(run, p) is not None]
+    epochs = {p: saved_epoch(run, p) for p in PHASES}
+    saved = [f"{p} complete" if phase_complete(run, p) else f"{p} up to epoch {epochs[p]}"
+             for p in PHASES if phase_complete(run, p) or epochs[p] is not None]
     return (f"telme: interrupted; {run} holds " + (", ".join(saved) or "no finished epoch")
             + f"; continue with: python telme.py train --resume {run} --phase {phase}")
 
@@ -3618,7 +3625,7 @@ def main(argv=None) -> None:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
         overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, out=args.out and Path(args.out), **overrides)
+        results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None, **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":

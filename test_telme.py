@@ -986,7 +986,7 @@ def test_fusion_shapes_and_bounded_shift(attention):
 
 
 @pytest.mark.parametrize("theta, shift_bounded", [(0.1, True), (100.0, False)])
-def test_fusion_follows_the_asf_steps_of_the_spec(theta, shift_bounded):
+def test_fusion_follows_the_asf_steps_of_the_paper(theta, shift_bounded):
     """ASF (paper, section 3.4) re-derived from the module's weights without its forward:
     attention over the two tokens [F_A, F_V] of each utterance, A, g, H, lambda, Z and the logits."""
     f_t, f_a, f_v = fusion_inputs()
@@ -1123,6 +1123,24 @@ def test_a_fresh_teacher_removes_the_phases_trained_on_the_old_one(demo_run, tmp
     assert telme.trained_phases(run) == ["teacher"]
     assert list(json.loads((run / "metrics.json").read_text())) == ["teacher"]
     assert json.loads((run / "checkpoints" / "teacher.complete").read_text())["epochs"] == 1
+
+
+def test_resuming_an_interrupted_overwrite_retrains_the_phases_built_on_it(demo_run, tmp_path, monkeypatch):
+    out, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("inputs"))
+    cfg = telme.dataclasses.replace(telme.read_run_config(run), out=str(run), epochs=(1, 1, 1))
+    monkeypatch.setattr(telme, "save_weights", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after the new teacher's checkpoint, before its weights
+        telme.train(cfg, "teacher", overwrite=True)
+    monkeypatch.undo()
+    assert all(telme.phase_complete(run, p) for p in ("audio", "visual", "fusion"))  # the old ones, still
+    ran = []
+    monkeypatch.setattr(telme, "train_students", lambda *args: ran.append("students"))
+    monkeypatch.setattr(telme, "train_fusion", lambda *args: ran.append("fusion"))
+    telme.train(cfg, "all", resume=True)
+    # The new teacher removed the students and fusion distilled from the old one: they train again.
+    assert ran == ["students", "fusion"] and telme.trained_phases(run) == ["teacher"]
 
 
 def test_a_failing_train_leaves_the_finished_run_byte_identical(demo_run, tmp_path, capsys):
