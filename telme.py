@@ -69,7 +69,7 @@ import tempfile
 import time
 import wave
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -707,6 +707,24 @@ def open_media(path: str):
     return av.open(path)
 
 
+@contextmanager
+def decoding(path: str):
+    """open_media's container; whatever PyAV fails on inside the block is a MediaError naming it."""
+    try:
+        with open_media(path) as container:
+            yield container
+    except DECODE_ERRORS as error:
+        raise MediaError(f"cannot decode: {error}") from None
+
+
+def first_stream(container, kind: str):
+    """The container's first audio or video stream; a MediaError when it has none."""
+    streams = container.streams.audio if kind == "audio" else container.streams.video
+    if not streams:
+        raise MediaError(f"no {kind} stream")
+    return streams[0]
+
+
 def stream_span(container, stream) -> tuple[float, float]:
     """(first, last) presentation time of `stream` in seconds; last is inf when no duration is declared."""
     first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
@@ -726,27 +744,22 @@ OFFICIAL_LONG_CLIP_AUDIO_SAMPLES = 1412
 def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
     """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept
     (None: all)."""
-    try:
-        with open_media(path) as container:
-            if not container.streams.audio:
-                raise MediaError("no audio stream")
-            stream = container.streams.audio[0]
-            source_rate = stream.codec_context.sample_rate
-            if not source_rate:
-                raise MediaError("audio stream declares no sample rate")
-            first, last = stream_span(container, stream)
-            entry = (first if max_samples is None else max(first, last - max_samples / rate)) - AUDIO_SEEK_MARGIN
-            if first < entry < math.inf:
-                container.seek(int(entry / stream.time_base), stream=stream)
-            to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
-            chunks, decoded_from = [], None
-            for frame in container.decode(stream):
-                if decoded_from is None:
-                    decoded_from = frame.time or 0.0
-                for converted in to_float.resample(frame):
-                    chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
-    except DECODE_ERRORS as error:
-        raise MediaError(f"cannot decode: {error}") from None
+    with decoding(path) as container:
+        stream = first_stream(container, "audio")
+        source_rate = stream.codec_context.sample_rate
+        if not source_rate:
+            raise MediaError("audio stream declares no sample rate")
+        first, last = stream_span(container, stream)
+        entry = (first if max_samples is None else max(first, last - max_samples / rate)) - AUDIO_SEEK_MARGIN
+        if first < entry < math.inf:
+            container.seek(int(entry / stream.time_base), stream=stream)
+        to_float = av.AudioResampler(format="fltp")  # planar float, every channel kept
+        chunks, decoded_from = [], None
+        for frame in container.decode(stream):
+            if decoded_from is None:
+                decoded_from = frame.time or 0.0
+            for converted in to_float.resample(frame):
+                chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
     if not chunks:
         raise MediaError("audio stream decodes to nothing")
     waveform = np.concatenate(chunks).astype(np.float32)
@@ -774,37 +787,32 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
     lies in between: a short clip is decoded once front to back, a long one (or a window of a long
     recording) costs at most a keyframe interval per target.
     """
-    try:
+    with decoding(path) as container:
         keyframes = keyframe_times(path, start, end)
-        with open_media(path) as container:
-            if not container.streams.video:
-                raise MediaError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            first, last = stream_span(container, stream)
-            t0, t1 = (first, last) if start is None else (start, end)
-            if t1 == math.inf:
-                raise MediaError("video stream declares no duration")
-            frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-            targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
-            frames, decoded, shown = [], None, None  # shown: the last decoded frame
-            for target in targets:
-                keyframe = max((k for k in keyframes if k <= target), default=first)
-                if decoded is None or keyframe > shown.time:
-                    if keyframe > first:
-                        container.seek(int(keyframe / stream.time_base), stream=stream)
-                    decoded = (f for f in container.decode(stream) if f.time is not None)
-                # A frame is on screen from frame.time until frame.time + frame_time.
-                while shown is None or shown.time + frame_time <= target:
-                    following = next(decoded, None)
-                    if following is None:  # the stream ended before its declared duration
-                        break
-                    shown = following
-                if shown is None:
-                    raise MediaError("video stream decodes to nothing")
-                frames.append(resize_and_crop(shown, size))
-    except DECODE_ERRORS as error:
-        raise MediaError(f"cannot decode: {error}") from None
+        stream = first_stream(container, "video")
+        stream.thread_type = "AUTO"
+        first, last = stream_span(container, stream)
+        t0, t1 = (first, last) if start is None else (start, end)
+        if t1 == math.inf:
+            raise MediaError("video stream declares no duration")
+        frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+        targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
+        frames, decoded, shown = [], None, None  # shown: the last decoded frame
+        for target in targets:
+            keyframe = max((k for k in keyframes if k <= target), default=first)
+            if decoded is None or keyframe > shown.time:
+                if keyframe > first:
+                    container.seek(int(keyframe / stream.time_base), stream=stream)
+                decoded = (f for f in container.decode(stream) if f.time is not None)
+            # A frame is on screen from frame.time until frame.time + frame_time.
+            while shown is None or shown.time + frame_time <= target:
+                following = next(decoded, None)
+                if following is None:  # the stream ended before its declared duration
+                    break
+                shown = following
+            if shown is None:
+                raise MediaError("video stream decodes to nothing")
+            frames.append(resize_and_crop(shown, size))
     return np.stack(frames)
 
 
@@ -843,30 +851,25 @@ def decode_frames_at(path: str, indices: list[int], size: int) -> np.ndarray:
     presentation time x the frame rate), resized and cropped as decode_frames does. Decoding starts
     at the keyframe before the first index; an index past the end of the stream repeats the last
     frame decoded (D11)."""
-    try:
-        with open_media(path) as container:
-            if not container.streams.video:
-                raise MediaError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if not stream.average_rate:
-                raise MediaError("video stream declares no frame rate")
-            fps, first = float(stream.average_rate), stream_span(container, stream)[0]
-            wanted, found = set(indices), {}
-            earliest = first + min(indices) / fps
-            keyframe = max((k for k in keyframe_times(path, earliest, earliest) if k <= earliest), default=first)
-            if keyframe > first:
-                container.seek(int(keyframe / stream.time_base), stream=stream)
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                index = round((frame.time - first) * fps)
-                if index in wanted:
-                    found[index] = resize_and_crop(frame, size)
-                if index >= max(indices):
-                    break
-    except DECODE_ERRORS as error:
-        raise MediaError(f"cannot decode: {error}") from None
+    with decoding(path) as container:
+        stream = first_stream(container, "video")
+        stream.thread_type = "AUTO"
+        if not stream.average_rate:
+            raise MediaError("video stream declares no frame rate")
+        fps, first = float(stream.average_rate), stream_span(container, stream)[0]
+        wanted, found = set(indices), {}
+        earliest = first + min(indices) / fps
+        keyframe = max((k for k in keyframe_times(path, earliest, earliest) if k <= earliest), default=first)
+        if keyframe > first:
+            container.seek(int(keyframe / stream.time_base), stream=stream)
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            index = round((frame.time - first) * fps)
+            if index in wanted:
+                found[index] = resize_and_crop(frame, size)
+            if index >= max(indices):
+                break
     if not found:
         raise MediaError("video stream decodes to nothing")
     frames, shown = [], found[min(found)]
@@ -880,18 +883,13 @@ def official_frames(path: str, num_frames: int, size: int, start: float | None =
                     end: float | None = None) -> np.ndarray:
     """D11: the frames the official code picks: by frame count (MELD clips), or in the widened
     window of a dialogue video (IEMOCAP)."""
-    try:
-        with open_media(path) as container:
-            if not container.streams.video:
-                raise MediaError("no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0)
-            first, last = stream_span(container, stream)
-            count = stream.frames  # the container's frame count, as the official reader takes it
-            if not count and last < math.inf:
-                count = round((last - first) * fps)
-    except DECODE_ERRORS as error:
-        raise MediaError(f"cannot decode: {error}") from None
+    with decoding(path) as container:
+        stream = first_stream(container, "video")
+        fps = float(stream.average_rate or 0)
+        first, last = stream_span(container, stream)
+        count = stream.frames  # the container's frame count, as the official reader takes it
+        if not count and last < math.inf:
+            count = round((last - first) * fps)
     if not fps:
         raise MediaError("video stream declares no frame rate")
     if start is None:
@@ -1091,11 +1089,8 @@ def media_seconds(path: str, start: float | None, end: float | None) -> float:
     """Length of the span to decode: the window when there is one, else the container's duration."""
     if start is not None:
         return end - start
-    try:
-        with open_media(path) as container:
-            return container.duration / av.time_base if container.duration else 0.0
-    except DECODE_ERRORS as error:
-        raise MediaError(f"cannot decode: {error}") from None
+    with decoding(path) as container:
+        return container.duration / av.time_base if container.duration else 0.0
 
 
 def current_umask() -> int:
