@@ -2619,7 +2619,7 @@ class Predictor:
         self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(self.run)
         self.teacher, self.tokenizer = load_teacher(self.run, self.cfg, self.rt)
         self.models = {"teacher": self.teacher}
-        for phase, kind in (("audio", "audio"), ("visual", "video")):
+        for phase, kind in STUDENT_MEDIA.items():
             if phase in self.trained:
                 self.models[phase] = load_student(self.run, kind, self.cfg, self.rt)
         self.fusion = load_fusion(self.run, self.cfg, self.rt) if "fusion" in self.trained else None
