@@ -127,15 +127,15 @@ class Config:
     compile: bool = False
     """torch.compile each phase's training step (inductor): minutes to compile, then less host time per step"""
     compile_mode: str = "default"
-    """torch.compile mode under --compile: default, or reduce-overhead (CUDA graphs, one per input shape, so with --text-bucket and --audio-buckets; the clipping and optimiser update compiled too)"""
+    """--compile's mode: default, or reduce-overhead (CUDA graphs, one per shape: use --text-bucket, --audio-buckets)"""
     max_text_tokens: int = 512
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
     """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
     text_bucket: int = 0
-    """teacher prompts left-padded to a multiple of this many tokens (at most max_text_tokens), for a few static shapes; 0: to the batch's longest. Outputs equal to rounding (README: Speed)"""
+    """pad teacher prompts to a multiple of this many tokens (static shapes; equal outputs); 0: the batch's longest"""
     audio_buckets: bool = False
-    """audio batches padded to the next of 0.25, 0.5, 1, 2, 4 ... s (at most max_audio_samples), for a few static shapes; data2vec's positional convolutions see the padding: F_A moves slightly (README: Speed)"""
+    """pad audio batches to the next of 0.25, 0.5, 1, 2 ... s (static shapes); data2vec sees it: F_A moves slightly"""
     audio_rate: int = 16000
     """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
     num_frames: int = 8
@@ -167,7 +167,7 @@ class Config:
     grad_clip: float = 10.0
     """gradient-norm clipping threshold, applied to unscaled gradients (official code)"""
     compat: str = "none"
-    """none: telme's fixes; official: the official code's behaviours D1-D16 (README: Differences; D8 and D10 on MELD only, D9 not reproduced)"""
+    """none: telme's fixes; official: the official code's D1-D16 (README: Differences; D8, D10 MELD only; no D9)"""
     official_audio_rate: bool = False
     """D1: decode audio at 22050 Hz but feed it as 16 kHz, as the official code (pitch and speed x0.73)"""
     official_audio_pooling: bool = False
@@ -183,15 +183,15 @@ class Config:
     official_long_clips: bool = False
     """D8: clips longer than 30 s replaced by zeros (official MELD code; --compat official sets it on MELD only)"""
     official_text: bool = False
-    """D10: MELD text with the CSV's C1 control characters as they are, not the punctuation they stood for (official code; MELD only)"""
+    """D10: MELD text keeps the CSV's C1 control characters, not the punctuation they stood for (official code)"""
     official_frame_indices: bool = False
-    """D11: frames picked by the official rule: MELD every (N//8)-th of N frames; IEMOCAP every step-th in [start-1 s, end+1 s]"""
+    """D11: the official frame rule: MELD every (N//8)-th of N frames; IEMOCAP every step-th in [start-1 s, end+1 s]"""
     official_audio_normalisation: bool = False
-    """D12: the whole clip normalised to zero mean and unit variance, then its last max_audio_samples kept (official code)"""
+    """D12: the whole clip normalised to zero mean and unit variance before its tail is kept (official code)"""
     official_audio_padding: bool = False
     """D13: with D3, a batch padded to its longest clip only, with no 0.25 s minimum (official code)"""
     official_precision: bool = False
-    """D14: teacher in fp32; students and fusion under --amp with one gradient scaler for both students; evaluation in fp32 (official code)"""
+    """D14: teacher in fp32; students (one gradient scaler for both) and fusion under --amp; eval in fp32 (official)"""
     official_fusion_batches: bool = False
     """D15: with D3, fusion training recomputes F_T, F_A, F_V in every shuffled batch, as the official code (slower)"""
     official_cudnn: bool = False
@@ -217,35 +217,29 @@ PHASES = ("teacher", "audio", "visual", "fusion")
 AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp
 # The official code's behaviours that telme fixes by default (README: Differences), each with its switch;
 # D2 is the fusion's attention scope (asf_attention "batch"), D9 concerns only the official inference.
-OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling",
-                     "D4": "official_schedule", "D5": "official_clipping", "D6": "official_speakers",
-                     "D7": "official_frames", "D8": "official_long_clips", "D10": "official_text",
-                     "D11": "official_frame_indices", "D12": "official_audio_normalisation",
-                     "D13": "official_audio_padding", "D14": "official_precision",
-                     "D15": "official_fusion_batches", "D16": "official_cudnn"}
+OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling", "D4": "official_schedule",
+                     "D5": "official_clipping", "D6": "official_speakers", "D7": "official_frames",
+                     "D8": "official_long_clips", "D10": "official_text", "D11": "official_frame_indices",
+                     "D12": "official_audio_normalisation", "D13": "official_audio_padding",
+                     "D14": "official_precision", "D15": "official_fusion_batches", "D16": "official_cudnn"}
 MELD_ONLY_SWITCHES = ("D8", "D10")  # the official IEMOCAP code has no long-clip rule, its text no C1 characters
-# Switches that change how D3's official audio pooling runs, and act only together with it.
-NEEDS_OFFICIAL_POOLING = ("official_audio_padding", "official_fusion_batches")
-
-
-# The smallest value of each numeric flag and whether that value itself is allowed; make_config
-# checks them, so that a bad flag stops before anything is read or written.
+# The smallest value of each numeric flag and whether that value itself is allowed, and the values each
+# textual flag allows; make_config checks them, so that a bad flag stops before anything is read or written.
 LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
                 "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True),
-                "audio_rate": (1, True),
-                "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
+                "audio_rate": (1, True), "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
                 "mask_time_length": (1, True), "tau": (0, False), "alpha": (0, True), "beta": (0, True),
                 "kd_temperature": (0, False), "theta": (0, True), "heads": (1, True), "dropout": (0, True),
-                "warmup_epochs": (0, True), "grad_clip": (0, False), "workers": (0, True),
-                "loader_workers": (-1, True)}
+                "warmup_epochs": (0, True), "grad_clip": (0, False), "workers": (0, True), "loader_workers": (-1, True)}
+CHOICES = {"asf_attention": ("modality", "batch"), "amp": tuple(AUTOCAST_TYPES),
+           "compile_mode": ("default", "reduce-overhead"), "compat": ("none", "official")}
 
 
 def make_config(dataset: str = "meld", **overrides) -> Config:
     """The dataset's preset, then the overrides; derived defaults resolved once here."""
     if dataset not in PRESETS:
         raise SystemExit(f"telme: unknown dataset {dataset!r}; expected one of {sorted(PRESETS)}")
-    cfg = Config(dataset=dataset, **PRESETS[dataset])
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = Config(dataset=dataset, **{**PRESETS[dataset], **overrides})
     for name in ("epochs", "lr"):  # one number sets all three phases
         value = getattr(cfg, name)
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -255,21 +249,17 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
         setattr(cfg, name, value * 3 if len(value) == 1 else value)
     cfg.cache_dir = cfg.cache_dir or os.environ.get("TELME_CACHE", str(Path.home() / ".cache" / "telme"))
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
-    if cfg.asf_attention not in ("modality", "batch"):
-        raise SystemExit(f"telme: --asf-attention must be modality or batch, not {cfg.asf_attention!r}")
-    if cfg.amp not in AUTOCAST_TYPES:
-        raise SystemExit(f"telme: --amp must be one of {', '.join(AUTOCAST_TYPES)}, not {cfg.amp!r}")
-    if cfg.compile_mode not in ("default", "reduce-overhead"):
-        raise SystemExit(f"telme: --compile-mode must be default or reduce-overhead, not {cfg.compile_mode!r}")
-    if cfg.compat not in ("none", "official"):
-        raise SystemExit(f"telme: --compat must be none or official, not {cfg.compat!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"telme: --{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"not {getattr(cfg, name)!r}")
     if cfg.compat == "official":  # D1-D16 together; without it each switch keeps its own value
         cfg.asf_attention = "batch"  # D2
         cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
         for d, name in OFFICIAL_SWITCHES.items():
             if d not in MELD_ONLY_SWITCHES or cfg.dataset == "meld":
                 setattr(cfg, name, True)
-    for name in NEEDS_OFFICIAL_POOLING:
+    for name in ("official_audio_padding", "official_fusion_batches"):
         if getattr(cfg, name) and not cfg.official_audio_pooling:
             raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
                              "it needs --official-audio-pooling (D3)")
@@ -293,8 +283,7 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
 
 def compat_switches(cfg: Config) -> dict[str, bool]:
     """Which of the official code's behaviours D1-D16 are on (True) in this configuration."""
-    switches = {d: getattr(cfg, name) for d, name in OFFICIAL_SWITCHES.items()}
-    switches["D2"] = cfg.asf_attention == "batch"
+    switches = {"D2": cfg.asf_attention == "batch"} | {d: getattr(cfg, name) for d, name in OFFICIAL_SWITCHES.items()}
     return dict(sorted(switches.items(), key=lambda item: int(item[0][1:])))
 
 
