@@ -310,13 +310,11 @@ MELD_SPLITS = {
 MELD_COLUMNS = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
                 "Utterance_ID", "Season", "Episode", "StartTime", "EndTime"]
 MELD_REQUIRED = ["Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"]
-# The MELD CSVs hold C1 control characters (cp1252 bytes read as latin-1) where punctuation was.
-# Those seen in MELD's text and speaker names map to plain ASCII; any other C1 character gets its
-# cp1252 meaning (the five bytes cp1252 leaves undefined carry nothing and are dropped).
+# The MELD CSVs hold C1 control characters (cp1252 bytes read as latin-1) where punctuation was: those seen
+# in MELD become plain ASCII, any other its cp1252 meaning (the five cp1252 leaves undefined are dropped).
 MELD_C1_PUNCTUATION = str.maketrans({
     **{chr(b): bytes([b]).decode("cp1252", errors="ignore") for b in range(0x80, 0xa0)},
-    "\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x85": "...", "\x96": "-", "\x97": "-",
-    "\xa0": " ",
+    "\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x85": "...", "\x96": "-", "\x97": "-", "\xa0": " ",
 })
 
 # IEMOCAP as released (IEMOCAP_full_release/SessionN/; README: Data). Session 5 is the test split;
@@ -354,10 +352,9 @@ class DataError(Exception):
     """Bad dataset input; the message names the file, the row and the problem."""
 
 
-def csv_rows(path: Path, columns: list[str], dialogue_column: str):
-    """(row number, row) of a dataset CSV, row 1 being the header. Checks that the file is not
-    empty, holds `columns` and at least one row, that every row has every field and that each
-    dialogue's rows are contiguous (the teacher's history is the rows before, so a split dialogue would be two)."""
+def csv_rows(path: Path, columns: list[str]):
+    """(row number, row) of a dataset CSV, row 1 the header; checks that it holds `columns`, rows with every field,
+    and each dialogue's rows together (the teacher's history is the rows before: a split dialogue would be two)."""
     row_number = 1
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -367,18 +364,17 @@ def csv_rows(path: Path, columns: list[str], dialogue_column: str):
             missing = [c for c in columns if c not in reader.fieldnames]
             if missing:
                 raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}")
-            finished, current = set(), None
+            seen, current = set(), None
             for row_number, row in enumerate(reader, start=2):
                 if any(row[c] is None for c in columns):
                     present = sum(v is not None for k, v in row.items() if k is not None)
                     raise DataError(f"{path}:{row_number}: {present} fields, the header has "
                                     f"{len(reader.fieldnames)}")
-                dialogue = row[dialogue_column].strip()
-                if dialogue != current:
-                    if dialogue in finished:
-                        raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
-                    finished.add(current)
-                    current = dialogue
+                dialogue = row["Dialogue_ID"].strip()
+                if dialogue != current and dialogue in seen:
+                    raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
+                seen.add(dialogue)
+                current = dialogue
                 yield row_number, row
             if row_number == 1:
                 raise DataError(f"{path}:2: no utterances after the header")
@@ -396,21 +392,13 @@ def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int
     return classes.index(emotion)
 
 
-def read_meld_split(data_dir: Path, split: str, raw_text: bool = False) -> list[Utterance]:
-    """One split's utterances; raw_text keeps the C1 characters in the text (D10)."""
-    csv_name, clip_dir = MELD_SPLITS[split]
-    return read_meld_csv(data_dir / csv_name, data_dir / clip_dir, raw_text=raw_text)
-
-
 def read_meld_csv(path: Path, clip_dir: Path, labelled: bool = True, raw_text: bool = False) -> list[Utterance]:
-    """The utterances of a CSV in MELD's layout, their clips dia<D>_utt<U>.mp4 in `clip_dir`;
-    unlabelled (no Emotion column needed, label 0 in its place) for predict --csv; raw_text as
-    read_meld_split."""
-    classes = EMOTIONS["meld"]
+    """The utterances of a CSV in MELD's layout, their clips dia<D>_utt<U>.mp4 in `clip_dir`; unlabelled
+    (no Emotion column needed, label 0) for predict --csv; raw_text keeps the C1 characters in the text (D10)."""
     utterances = []
     required = MELD_REQUIRED if labelled else [c for c in MELD_REQUIRED if c != "Emotion"]
-    for row_number, row in csv_rows(path, required, "Dialogue_ID"):
-        label = row_label(path, row_number, row, classes) if labelled else 0
+    for row_number, row in csv_rows(path, required):
+        label = row_label(path, row_number, row, EMOTIONS["meld"]) if labelled else 0
         dialogue = row["Dialogue_ID"].strip()
         clip = str(clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
@@ -427,8 +415,7 @@ def iemocap_speaker(utterance_id: str) -> str:
 
 
 def release_text(path: Path) -> str:
-    """A text file of the IEMOCAP release: UTF-8, or else latin-1 (which decodes any byte), so that
-    a stray accented byte in a transcription cannot stop the reading."""
+    """A text file of the IEMOCAP release: UTF-8, else latin-1 (any byte), lest a stray accented byte stop reading."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -438,21 +425,18 @@ def release_text(path: Path) -> str:
 
 def divx_folder(avi_dir: Path) -> Path:
     """avi/DivX or avi/Divx: the folder's case varies across the release's sessions."""
-    for name in ("DivX", "Divx"):
-        if (avi_dir / name).is_dir():
-            return avi_dir / name
-    return avi_dir / "DivX"
+    return next((avi_dir / name for name in ("DivX", "Divx") if (avi_dir / name).is_dir()), avi_dir / "DivX")
 
 
-def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
+def read_iemocap_dialogue(transcript: Path) -> list[Utterance]:
     """The six-class turns of one dialogue, in time order, from its transcription and EmoEvaluation."""
     classes = EMOTIONS["iemocap"]
+    dialog, session_dir = transcript.stem, transcript.parents[2]  # SessionN/dialog/transcriptions/<dialog>.txt
     labels_path = session_dir / "dialog" / "EmoEvaluation" / f"{dialog}.txt"
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: not found (it holds the labels of {dialog})")
     labels = {}
-    # Label lines: `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[2.5000, 2.5000, 2.5000]`;
-    # the annotators' lines (C-E1:, A-E1:, ...) and the header start otherwise.
+    # Label lines: `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[V, A, D]`; not the annotators' (C-E1: ...).
     for row_number, line in enumerate(release_text(labels_path).splitlines(), start=1):
         parts = line.split("\t")
         if line.startswith("[") and len(parts) >= 3:
@@ -462,7 +446,6 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
             labels[parts[1].strip()] = label
     wav_dir = session_dir / "sentences" / "wav" / dialog
     video = str(divx_folder(session_dir / "dialog" / "avi") / f"{dialog}.avi")
-    transcript = session_dir / "dialog" / "transcriptions" / f"{dialog}.txt"
     turns = []
     for line in release_text(transcript).splitlines():
         match = IEMOCAP_TURN.match(line.strip())
@@ -480,15 +463,22 @@ def read_iemocap_dialogue(session_dir: Path, dialog: str) -> list[Utterance]:
 
 
 def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
-    """train, dev and test from the raw release tree: Session 5 is test, dev the official 12 dialogues."""
-    by_session = {}
-    for session in IEMOCAP_SESSIONS:
-        transcripts = data_dir / session / "dialog" / "transcriptions"
-        if transcripts.is_dir():
-            by_session[session] = {path.stem: read_iemocap_dialogue(data_dir / session, path.stem)
-                                   for path in sorted(transcripts.glob("*.txt"))}
-    development = {name: turns for session, dialogs in by_session.items()
-                   if session != IEMOCAP_TEST_SESSION for name, turns in dialogs.items() if turns}
+    """train, dev and test from the official split CSVs when --data-dir holds them, else from the release tree."""
+    csvs = {split: data_dir / name for split, name in IEMOCAP_CSV.items()}
+    if csvs["train"].is_file():
+        if not csvs["dev"].is_file():
+            raise SystemExit(f"telme: {csvs['dev']} not found; the official split CSVs are IEMOCAP_train.csv, "
+                             "IEMOCAP_dev.csv (which picks the best epoch) and IEMOCAP_test.csv")
+        return {split: read_iemocap_csv(data_dir, path) for split, path in csvs.items() if path.is_file()}
+    if not (data_dir / IEMOCAP_SESSIONS[0]).is_dir():
+        raise SystemExit(f"telme: {data_dir / IEMOCAP_SESSIONS[0]} not found. IEMOCAP is licensed on request from "
+                         "https://sail.usc.edu/iemocap/; --data-dir must be IEMOCAP_full_release, holding "
+                         "Session1/ ... Session5/ (or the official IEMOCAP_train.csv, _dev.csv, _test.csv).")
+    transcripts = {session: data_dir / session / "dialog" / "transcriptions" for session in IEMOCAP_SESSIONS}
+    by_session = {session: {path.stem: read_iemocap_dialogue(path) for path in sorted(folder.glob("*.txt"))}
+                  for session, folder in transcripts.items() if folder.is_dir()}
+    test = by_session.pop(IEMOCAP_TEST_SESSION, None)
+    development = {name: turns for dialogs in by_session.values() for name, turns in dialogs.items() if turns}
     if not development:
         raise DataError(f"{data_dir}: no labelled turns in Session1-4/dialog/transcriptions")
     dev = IEMOCAP_DEV_DIALOGUES & set(development)
@@ -497,27 +487,24 @@ def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
                         "holds labelled turns in Session1-4")
     splits = {"train": [u for name in sorted(development) if name not in dev for u in development[name]],
               "dev": [u for name in sorted(dev) for u in development[name]]}
-    if IEMOCAP_TEST_SESSION in by_session:
-        splits["test"] = [u for name, turns in sorted(by_session[IEMOCAP_TEST_SESSION].items()) for u in turns]
+    if test is not None:
+        splits["test"] = [u for name, turns in sorted(test.items()) for u in turns]
     return splits
 
 
 def release_path(data_dir: Path, path: str) -> str:
     """A path of the official split CSVs on this machine: ./dataset/IEMOCAP_full_release/ is --data-dir."""
-    relative = path.strip().removeprefix(IEMOCAP_CSV_PREFIX)
-    resolved = data_dir / relative
+    resolved = data_dir / path.strip().removeprefix(IEMOCAP_CSV_PREFIX)
     if resolved.parent.name.lower() == "divx":
         resolved = divx_folder(resolved.parent.parent) / resolved.name
     return str(resolved)
 
 
-def read_iemocap_csv(data_dir: Path, split: str) -> list[Utterance]:
-    """One split from the official code's IEMOCAP_{split}.csv."""
-    path = data_dir / IEMOCAP_CSV[split]
-    classes = EMOTIONS["iemocap"]
+def read_iemocap_csv(data_dir: Path, path: Path) -> list[Utterance]:
+    """One split from the official code's IEMOCAP_{split}.csv, its paths below `data_dir`."""
     utterances = []
-    for row_number, row in csv_rows(path, IEMOCAP_COLUMNS, "Dialogue_ID"):
-        label = row_label(path, row_number, row, classes)
+    for row_number, row in csv_rows(path, IEMOCAP_COLUMNS):
+        label = row_label(path, row_number, row, EMOTIONS["iemocap"])
         try:
             start, end = float(row["Start_Time"]), float(row["End_Time"])
         except ValueError:
@@ -536,51 +523,27 @@ def load_splits(cfg: Config, required=("train", "dev")) -> dict[str, list[Uttera
     data_dir = Path(cfg.data_dir)
     try:
         if cfg.dataset == "iemocap":
-            return load_iemocap(data_dir)
-        if not required and not any((data_dir / MELD_SPLITS[s][0]).is_file() for s in ("dev", "test")):
-            raise SystemExit(f"telme: {data_dir} holds neither {MELD_SPLITS['dev'][0]} nor "
-                             f"{MELD_SPLITS['test'][0]}: nothing to evaluate")
+            return read_iemocap(data_dir)
+        csvs = {split: data_dir / name for split, (name, _) in MELD_SPLITS.items()}
+        if not required and not (csvs["dev"].is_file() or csvs["test"].is_file()):
+            raise SystemExit(f"telme: {data_dir} holds neither {csvs['dev'].name} nor {csvs['test'].name}: "
+                             "nothing to evaluate")
         for split in required:
-            if not (data_dir / MELD_SPLITS[split][0]).is_file():
-                raise SystemExit(
-                    f"telme: {data_dir / MELD_SPLITS[split][0]} not found. MELD comes from "
-                    "https://affective-meld.github.io/ (MELD.Raw.tar.gz); --data-dir must hold "
-                    "train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the folders "
-                    "train_splits/, dev_splits_complete/, output_repeated_splits_test/.")
-        if required and not (data_dir / MELD_SPLITS["test"][0]).is_file():
-            warn(f"telme: {data_dir / MELD_SPLITS['test'][0]} not found: no test split (test_wf1 null)")
-        return {split: read_meld_split(data_dir, split, cfg.official_text) for split in MELD_SPLITS
-                if (data_dir / MELD_SPLITS[split][0]).is_file()}
+            if not csvs[split].is_file():
+                raise SystemExit(f"telme: {csvs[split]} not found. MELD comes from https://affective-meld.github.io/ "
+                                 "(MELD.Raw.tar.gz); --data-dir must hold "
+                                 + ", ".join(f"{name}, {clips}/" for name, clips in MELD_SPLITS.values()))
+        if required and not csvs["test"].is_file():
+            warn(f"telme: {csvs['test']} not found: no test split (test_wf1 null)")
+        return {split: read_meld_csv(path, data_dir / MELD_SPLITS[split][1], raw_text=cfg.official_text)
+                for split, path in csvs.items() if path.is_file()}
     except DataError as error:
         raise SystemExit(f"telme: {error}")
 
 
-def load_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
-    """The official split CSVs when --data-dir holds them, otherwise the raw release tree."""
-    if (data_dir / IEMOCAP_CSV["train"]).is_file():
-        if not (data_dir / IEMOCAP_CSV["dev"]).is_file():
-            raise SystemExit(f"telme: {data_dir / IEMOCAP_CSV['dev']} not found; the official split "
-                             "CSVs are IEMOCAP_train.csv, IEMOCAP_dev.csv (which picks the best epoch) "
-                             "and IEMOCAP_test.csv")
-        return {split: read_iemocap_csv(data_dir, split) for split in IEMOCAP_CSV
-                if (data_dir / IEMOCAP_CSV[split]).is_file()}
-    if not (data_dir / IEMOCAP_SESSIONS[0]).is_dir():
-        raise SystemExit(
-            f"telme: {data_dir / IEMOCAP_SESSIONS[0]} not found. IEMOCAP is licensed on request from "
-            "https://sail.usc.edu/iemocap/; --data-dir must be IEMOCAP_full_release, holding "
-            "Session1/ ... Session5/ (or the official split CSVs IEMOCAP_train.csv, IEMOCAP_dev.csv, "
-            "IEMOCAP_test.csv).")
-    return read_iemocap(data_dir)
-
-
 def dialogues(utterances: list[Utterance]) -> list[list[Utterance]]:
     """Consecutive utterances sharing a dialogue id."""
-    groups: list[list[Utterance]] = []
-    for u in utterances:
-        if not groups or groups[-1][0].dialogue != u.dialogue:
-            groups.append([])
-        groups[-1].append(u)
-    return groups
+    return [list(group) for _, group in itertools.groupby(utterances, key=lambda u: u.dialogue)]
 
 
 # --- Teacher input: "<s_a> u_1 <s_b> u_2 ... <s_x> u_k </s> Now <s_x> feels <mask>" ---------------

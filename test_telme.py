@@ -198,7 +198,7 @@ def test_meld_c1_characters_become_the_punctuation_they_stood_for(tmp_path):
             (0, 1, "Ross", "neutral", "\x93Hi\x94\xa0there \x80 5"),
             (1, 0, "Monica", "anger", "plain text, é and ’ untouched")]
     write_meld_csv(tmp_path / "train_sent_emo.csv", rows)
-    utterances = telme.read_meld_split(tmp_path, "train")
+    utterances = telme.read_meld_csv(tmp_path / "train_sent_emo.csv", tmp_path / "train_splits")
     assert [u.text for u in utterances] == ["It's 'Kay'... so-no-yes", '"Hi" there € 5',
                                             "plain text, é and ’ untouched"]
     assert utterances[0].speaker == "Richard's Date"
@@ -240,7 +240,7 @@ def test_bad_meld_csv_is_one_line_naming_file_row_and_problem(tmp_path, case, ro
         write_rows(path, telme.MELD_COLUMNS, good + [meld_row(4, 0, 2)])
     write_meld_csv(tmp_path / "dev_sent_emo.csv", FIXTURE_ROWS)
     with pytest.raises(telme.DataError) as error:
-        telme.read_meld_split(tmp_path, "train")
+        telme.read_meld_csv(tmp_path / "train_sent_emo.csv", tmp_path / "train_splits")
     assert str(error.value).startswith(f"{path}:{row}: ") and problem in str(error.value)
     assert "\n" not in str(error.value)
     with pytest.raises(SystemExit) as stop:  # the command line's form of the same error
@@ -432,7 +432,7 @@ def test_speaker_indices_by_first_appearance_capped_at_nine():
 
 @pytest.mark.parametrize("make_tokenizer", [bert_style_tokenizer, roberta_style_tokenizer])
 def test_teacher_input_prompt_truncation_and_left_padding(meld_fixture, make_tokenizer):
-    utterances = telme.read_meld_split(meld_fixture, "train")
+    utterances = telme.read_meld_csv(meld_fixture / "train_sent_emo.csv", meld_fixture / "train_splits")
     tokenizer = make_tokenizer()
     telme.add_speaker_tokens(tokenizer)
     ids = telme.teacher_input_ids(utterances, tokenizer, max_tokens=512)
@@ -489,7 +489,7 @@ def test_teacher_ids_drop_the_spaces_beside_speaker_tokens_as_the_paper_teacher_
 
 
 def test_teacher_ids_of_a_wordpiece_tokenizer_are_those_of_the_whole_prompt(meld_fixture):
-    utterances = telme.read_meld_split(meld_fixture, "train")
+    utterances = telme.read_meld_csv(meld_fixture / "train_sent_emo.csv", meld_fixture / "train_splits")
     for tokenizer in (bert_style_tokenizer(), bert_wordpiece_tokenizer()):
         telme.add_speaker_tokens(tokenizer)
         ids = telme.teacher_input_ids(utterances, tokenizer, 512)
@@ -1663,7 +1663,7 @@ D6_ROWS = FIXTURE_ROWS + [(1, 2, "Monica", "joy", "hello joey"), (2, 0, "Joey", 
 
 def test_d6_official_speakers_index_a_dialogue_opener_against_the_previous_list(tmp_path):
     write_meld_csv(tmp_path / "train_sent_emo.csv", D6_ROWS)
-    utterances = telme.read_meld_split(tmp_path, "train")
+    utterances = telme.read_meld_csv(tmp_path / "train_sent_emo.csv", tmp_path / "train_splits")
     tokenizer = bert_style_tokenizer()
     telme.add_speaker_tokens(tokenizer)
 
@@ -1713,7 +1713,7 @@ def test_d10_official_text_keeps_the_c1_characters(tmp_path):
     write_meld_csv(tmp_path / "train_sent_emo.csv", [(0, 0, "Ross", "joy", "It\x92s fine\x85 ok")])
     for switch, expected in ((False, "It's fine... ok"), (True, "It\x92s fine\x85 ok")):
         cfg = telme.make_config("meld", data_dir=str(tmp_path), official_text=switch)
-        assert telme.read_meld_split(tmp_path, "train", cfg.official_text)[0].text == expected
+        assert telme.load_splits(cfg, required=("train",))["train"][0].text == expected
 
 
 def test_d11_official_frame_indices_meld_rule():
