@@ -177,7 +177,7 @@ class Config:
     official_clipping: bool = False
     """D5: under --amp fp16 (set by --compat official), clip scaled gradients before unscaling (official code)"""
     official_speakers: bool = False
-    """D6: speaker indices as the official preprocessing gives them (official_speaker_indices)"""
+    """D6: speaker indices as the official preprocessing gives them (prompt_speakers)"""
     official_frames: bool = False
     """D7: frames in BGR order, normalised with VideoMAE's (ImageNet) statistics (official code)"""
     official_long_clips: bool = False
@@ -548,6 +548,7 @@ def dialogues(utterances: list[Utterance]) -> list[list[Utterance]]:
 
 # --- Teacher input: "<s_a> u_1 <s_b> u_2 ... <s_x> u_k </s> Now <s_x> feels <mask>" ---------------
 SPEAKER_TOKENS = [f"<s{i}>" for i in range(1, 10)]
+SPEAKER_SPLIT = re.compile(r"\s*(" + "|".join(map(re.escape, SPEAKER_TOKENS)) + r")\s*")  # see prompt_token_ids
 
 
 def speaker_indices(speakers: list[str]) -> list[int]:
@@ -556,33 +557,22 @@ def speaker_indices(speakers: list[str]) -> list[int]:
     return [order.setdefault(s, min(len(order), len(SPEAKER_TOKENS) - 1)) for s in speakers]
 
 
-def official_speaker_indices(keys: list[str], dialogue_ids: list[str]) -> list[int]:
-    """D6: the official preprocessing's speaker indices over one split, in row order.
-
-    It looks each speaker up in (or appends it to) a running list and only then notices that a new
-    dialogue has begun and empties the list: the first utterance of every dialogue is indexed
-    against the previous dialogue's list, and its speaker is not in the list its own dialogue grows.
-    Not capped: from a list's tenth speaker on, the official prompt holds <s10>, <s11>, ... which
-    are no special tokens, so the tokenizer splits them like any other text (teacher_input_ids).
-    """
+def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
+    """Each utterance's speaker index for teacher_input_ids: None for ours (speaker_indices per dialogue).
+    D6: the official preprocessing's, over the split in row order, its IEMOCAP speaker the utterance id. It
+    empties its list of speakers only after indexing a dialogue's first utterance: that one is indexed against
+    the previous dialogue's list and is missing from its own. Not capped: <s10>, <s11> ... are plain text."""
+    if not cfg.official_speakers:
+        return None
+    keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
     indices, known = [], []
-    for k, (key, dialogue) in enumerate(zip(keys, dialogue_ids)):
+    for k, (key, u) in enumerate(zip(keys, utterances)):
         if key not in known:
             known.append(key)
         indices.append(known.index(key))
-        if k > 0 and dialogue != dialogue_ids[k - 1]:
+        if k > 0 and u.dialogue != utterances[k - 1].dialogue:
             known = []
     return indices
-
-
-def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
-    """Each utterance's speaker index for teacher_input_ids: None for ours (per dialogue, by name)."""
-    if not cfg.official_speakers:
-        return None
-    # D6: the official IEMOCAP speaker column holds the utterance id (the name of its wav), so every
-    # utterance there is a new speaker.
-    keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
-    return official_speaker_indices(keys, [u.dialogue for u in utterances])
 
 
 def add_speaker_tokens(tokenizer) -> None:
@@ -603,31 +593,19 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
         for k in range(len(dialogue)):
             history = " ".join(f"{s} {v.text}" for s, v in zip(speakers[:k + 1], dialogue[:k + 1]))
             prompt = f"{history} {tokenizer.sep_token} Now {speakers[k]} feels"
-            tokens = prompt_token_ids(prompt, tokenizer)
-            ids.append(tokens[-(max_tokens - 1):] + [tokenizer.mask_token_id])
+            ids.append(prompt_token_ids(prompt, tokenizer)[-(max_tokens - 1):] + [tokenizer.mask_token_id])
     return ids
 
 
-SPEAKER_SPLIT = re.compile("(" + "|".join(map(re.escape, SPEAKER_TOKENS)) + ")")
-
-
 def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
-    """The prompt's ids as the paper's teacher read them: split on the speaker tokens, the
-    whitespace on both sides of each speaker token dropped, each piece between them encoded on its
-    own. The official code's tokenizer (the slow RobertaTokenizer of transformers 4.27) did this
-    with the speaker tokens it was given as plain strings, while the separator keeps its spaces;
-    a fast tokenizer would keep them, giving a lone-space token before each speaker token and a
-    leading-space marker on each word after one. Whitespace-splitting (WordPiece) tokenizers give
-    the same ids either way."""
-    pieces = SPEAKER_SPLIT.split(prompt)  # text, speaker, text, ..., text
+    """The prompt's ids as the paper's teacher read them: the official slow RobertaTokenizer (transformers 4.27)
+    dropped the whitespace beside each speaker token (not the separator's) and encoded the pieces apart; a fast one
+    keeps it (a lone-space token before, a leading-space marker after). WordPiece tokenizers give the same ids."""
     ids = []
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(SPEAKER_SPLIT.split(prompt)):  # text, speaker, text, ..., text
         if i % 2:  # a speaker token
             ids.append(tokenizer.convert_tokens_to_ids(piece))
-            continue
-        piece = piece.lstrip() if i > 0 else piece
-        piece = piece.rstrip() if i < len(pieces) - 1 else piece
-        if piece:
+        elif piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
 
