@@ -697,9 +697,9 @@ DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivis
 
 
 @contextmanager
-def decoding(path: str):
-    """The opened container; a MediaError for a missing or empty file, and for whatever PyAV fails on
-    inside the block."""
+def decoding(path: str, kind: str | None = None):
+    """(container, its first `kind` stream: "audio", "video", or None for none); a MediaError says why
+    the file or the stream is unusable, and names whatever PyAV fails on inside the block."""
     if os.path.isdir(path):
         raise MediaError("is a directory")
     if not os.path.isfile(path):
@@ -708,17 +708,12 @@ def decoding(path: str):
         raise MediaError("empty file (0 bytes)")
     try:
         with av.open(path) as container:
-            yield container
+            streams = container.streams.audio if kind == "audio" else container.streams.video
+            if kind and not streams:
+                raise MediaError(f"no {kind} stream")
+            yield container, streams[0] if kind else None
     except DECODE_ERRORS as error:
         raise MediaError(f"cannot decode: {error}") from None
-
-
-def first_stream(container, kind: str):
-    """The container's first audio or video stream; a MediaError when it has none."""
-    streams = container.streams.audio if kind == "audio" else container.streams.video
-    if not streams:
-        raise MediaError(f"no {kind} stream")
-    return streams[0]
 
 
 def stream_span(container, stream) -> tuple[float, float]:
@@ -739,8 +734,7 @@ OFFICIAL_LONG_CLIP_AUDIO_SAMPLES = 1412
 
 def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
     """Mono float32 waveform at `rate` Hz (the channels' mean), its last max_samples (None: all)."""
-    with decoding(path) as container:
-        stream = first_stream(container, "audio")
+    with decoding(path, "audio") as (container, stream):
         source_rate = stream.codec_context.sample_rate
         if not source_rate:
             raise MediaError("audio stream declares no sample rate")
@@ -753,8 +747,7 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
         for frame in container.decode(stream):
             if decoded_from is None:
                 decoded_from = frame.time or 0.0
-            for converted in to_float.resample(frame):
-                chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
+            chunks.extend(c.to_ndarray().mean(axis=0) for c in to_float.resample(frame))  # (samples,) mono
     if not chunks:
         raise MediaError("audio stream decodes to nothing")
     waveform = np.concatenate(chunks).astype(np.float32)
@@ -782,8 +775,7 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
     lies in between: a short clip is decoded once front to back, a long one (or a window of a long
     recording) costs at most a keyframe interval per target.
     """
-    with decoding(path) as container:
-        stream = first_stream(container, "video")
+    with decoding(path, "video") as (container, stream):
         keyframes = keyframe_times(path, start, end)
         stream.thread_type = "AUTO"
         first, last = stream_span(container, stream)
@@ -826,11 +818,10 @@ def official_frame_indices(count: int, num_frames: int) -> list[int]:
 
 
 def official_window_frame_indices(fps: float, start: float, end: float, num_frames: int) -> list[int]:
-    """D11: the official IEMOCAP choice (0-based) in the window [start, end] s of a dialogue video:
-    the window widened to [low, high] = [max(start - 1, 0), end + 1], step = floor(fps x (high - low)
-    / num_frames), every step-th frame in it (1-based k, fps x low <= k <= fps x high), the first
-    num_frames, the last repeated when fewer. Where the official step is 0 (its decoding fails):
-    every frame of the window."""
+    """D11: the official IEMOCAP choice (0-based) for the window [start, end] s of a dialogue video:
+    every step-th frame of [low, high] = [max(start - 1, 0), end + 1] (1-based k, fps x low <= k <=
+    fps x high), step = floor(fps x (high - low) / num_frames), the first num_frames, the last
+    repeated when fewer. Where the official step is 0 (its decoding fails): every frame of it."""
     low, high = max(start - OFFICIAL_WINDOW_MARGIN, 0.0), end + OFFICIAL_WINDOW_MARGIN
     step = max(1, math.floor(fps * (high - low) / num_frames))
     first, last = max(1, math.ceil(fps * low)), math.floor(fps * high)
@@ -846,17 +837,15 @@ def official_frames(path: str, num_frames: int, size: int, start: float | None =
     of a dialogue video (IEMOCAP), resized and cropped as decode_frames does. A frame's 0-based index
     is its presentation time x the frame rate; decoding starts at the keyframe before the first
     index, and an index the stream lacks (past its end) repeats the frame picked before it."""
-    with decoding(path) as container:
-        stream = first_stream(container, "video")
+    with decoding(path, "video") as (container, stream):
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or 0)
         if not fps:
             raise MediaError("video stream declares no frame rate")
         first, last = stream_span(container, stream)
         if start is None:
-            count = stream.frames  # the container's frame count, as the official reader takes it
-            if not count and last < math.inf:
-                count = round((last - first) * fps)
+            # The container's frame count, as the official reader takes it.
+            count = stream.frames or (round((last - first) * fps) if last < math.inf else 0)
             if not count:
                 raise MediaError("video stream declares no frame count")
             indices = official_frame_indices(count, num_frames)
@@ -887,8 +876,7 @@ def official_frames(path: str, num_frames: int, size: int, start: float | None =
 def keyframe_times(path: str, start: float | None, end: float | None) -> list[float]:
     """Presentation times of the video keyframes from the one before `start` to `end`, read from the
     packet headers (nothing is decoded)."""
-    with decoding(path) as container:
-        stream = container.streams.video[0]
+    with decoding(path, "video") as (container, stream):
         if start is not None:
             container.seek(int(start / stream.time_base), stream=stream)
         times = []
@@ -922,14 +910,11 @@ STALE_TEMPORARY_SECONDS = 3600
 
 
 class MediaCache:
-    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings).
-
-    An entry's key hashes the file's path, size and mtime with the settings, so a changed file or
-    setting is decoded again and nothing else is. A clip that cannot be decoded leaves a `.err` file
-    holding the reason, and the utterance trains with zeros for that modality. Each entry is
-    written atomically, so a prepare that is killed part-way leaves only whole entries and the next
-    one decodes just what is missing.
-    """
+    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings), keyed by the
+    file's path, size and mtime with the settings: a changed file or setting is decoded again and
+    nothing else is. An undecodable clip leaves a `.err` file holding the reason (the utterance trains
+    with zeros for that modality). Entries are written atomically: a prepare killed part-way leaves
+    only whole entries, and the next one decodes just what is missing."""
 
     def __init__(self, cfg: Config):
         self.root = Path(cfg.cache_dir)
@@ -996,17 +981,15 @@ class MediaCache:
                 pass
 
     def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False) -> dict[str, float]:
-        """Decode what is not cached yet, one clip per task, in parallel worker processes; returns
-        counts of cached and decoded entries (faults are listed by prepare_media from the .err
-        files), of clips decoded, of this process's workers and the seconds taken."""
+        """Decode what is not cached yet, one clip per task, in worker processes; counts cached and
+        decoded entries (prepare_media lists the faults), clips, this process's workers, seconds."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances)
         # Under torchrun every process must list the same missing entries before any writes one:
         # each takes its share of that list by position.
         barrier()
-        entries = sum(len(job) for job in jobs)
-        # An audio and a video entry per utterance.
-        counts = {"cached": 2 * len(utterances) - entries, "decoded": 0, "clips": len(jobs), "workers": 0}
+        cached = 2 * len(utterances) - sum(map(len, jobs))  # an audio and a video entry per utterance
+        counts = {"cached": cached, "decoded": 0, "clips": len(jobs), "workers": 0}
         started = time.perf_counter()
         rank, world = rank_and_world()
         jobs = jobs[rank::world]  # under torchrun each process decodes its share
@@ -1066,7 +1049,7 @@ def media_seconds(path: str, start: float | None, end: float | None) -> float:
     """Length of the span to decode: the window when there is one, else the container's duration."""
     if start is not None:
         return end - start
-    with decoding(path) as container:
+    with decoding(path) as (container, _):
         return container.duration / av.time_base if container.duration else 0.0
 
 
