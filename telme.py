@@ -767,14 +767,11 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
 
 def decode_frames(path: str, num_frames: int, size: int, start: float | None = None,
                   end: float | None = None) -> np.ndarray:
-    """(num_frames, size, size, 3) uint8 RGB frames sampled uniformly over the clip (or window).
-
-    Frame i is the one showing the centre of the i-th of num_frames equal segments; each is resized
-    so that its short side is `size`, then centre-cropped to size x size. Decoding goes on from one
-    target to the next while they share a keyframe, and seeks to the target's keyframe when one
-    lies in between: a short clip is decoded once front to back, a long one (or a window of a long
-    recording) costs at most a keyframe interval per target.
-    """
+    """(num_frames, size, size, 3) uint8 RGB frames: those showing the centres of num_frames equal
+    segments of the clip (or window), resized to a short side of `size`, then centre-cropped. Decoding
+    goes on from one target to the next while they share a keyframe, and seeks to the target's
+    keyframe when one lies in between: a short clip is decoded once front to back, a long one (or a
+    window of a long recording) costs at most a keyframe interval per target."""
     with decoding(path, "video") as (container, stream):
         keyframes = keyframe_times(path, start, end)
         stream.thread_type = "AUTO"
