@@ -626,33 +626,24 @@ class MediaError(Exception):
 DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivisionError)
 
 
-def open_media(path: str):
-    """The opened container; a MediaError for a missing or empty file."""
+@contextmanager
+def decoding(path: str, kind: str | None = None):
+    """(container, its first `kind` stream: "audio", "video", or None for none); a MediaError says why
+    the file or the stream is unusable, and names whatever PyAV fails on inside the block."""
     if os.path.isdir(path):
         raise MediaError("is a directory")
     if not os.path.isfile(path):
         raise MediaError("file not found")
     if os.path.getsize(path) == 0:
         raise MediaError("empty file (0 bytes)")
-    return av.open(path)
-
-
-@contextmanager
-def decoding(path: str):
-    """open_media's container; whatever PyAV fails on inside the block is a MediaError naming it."""
     try:
-        with open_media(path) as container:
-            yield container
+        with av.open(path) as container:
+            streams = container.streams.audio if kind == "audio" else container.streams.video
+            if kind and not streams:
+                raise MediaError(f"no {kind} stream")
+            yield container, streams[0] if kind else None
     except DECODE_ERRORS as error:
         raise MediaError(f"cannot decode: {error}") from None
-
-
-def first_stream(container, kind: str):
-    """The container's first audio or video stream; a MediaError when it has none."""
-    streams = container.streams.audio if kind == "audio" else container.streams.video
-    if not streams:
-        raise MediaError(f"no {kind} stream")
-    return streams[0]
 
 
 def stream_span(container, stream) -> tuple[float, float]:
@@ -672,10 +663,8 @@ OFFICIAL_LONG_CLIP_AUDIO_SAMPLES = 1412
 
 
 def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
-    """Mono float32 waveform at `rate` Hz: channels averaged, resampled, the last max_samples kept
-    (None: all)."""
-    with decoding(path) as container:
-        stream = first_stream(container, "audio")
+    """Mono float32 waveform at `rate` Hz (the channels' mean), its last max_samples (None: all)."""
+    with decoding(path, "audio") as (container, stream):
         source_rate = stream.codec_context.sample_rate
         if not source_rate:
             raise MediaError("audio stream declares no sample rate")
@@ -688,8 +677,7 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
         for frame in container.decode(stream):
             if decoded_from is None:
                 decoded_from = frame.time or 0.0
-            for converted in to_float.resample(frame):
-                chunks.append(converted.to_ndarray().mean(axis=0))  # (samples,) mono
+            chunks.extend(c.to_ndarray().mean(axis=0) for c in to_float.resample(frame))  # (samples,) mono
     if not chunks:
         raise MediaError("audio stream decodes to nothing")
     waveform = np.concatenate(chunks).astype(np.float32)
@@ -709,17 +697,13 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
 
 def decode_frames(path: str, num_frames: int, size: int, start: float | None = None,
                   end: float | None = None) -> np.ndarray:
-    """(num_frames, size, size, 3) uint8 RGB frames sampled uniformly over the clip (or window).
-
-    Frame i is the one showing the centre of the i-th of num_frames equal segments; each is resized
-    so that its short side is `size`, then centre-cropped to size x size. Decoding goes on from one
-    target to the next while they share a keyframe, and seeks to the target's keyframe when one
-    lies in between: a short clip is decoded once front to back, a long one (or a window of a long
-    recording) costs at most a keyframe interval per target.
-    """
-    with decoding(path) as container:
+    """(num_frames, size, size, 3) uint8 RGB frames: those showing the centres of num_frames equal
+    segments of the clip (or window), resized to a short side of `size`, then centre-cropped. Decoding
+    goes on from one target to the next while they share a keyframe, and seeks to the target's
+    keyframe when one lies in between: a short clip is decoded once front to back, a long one (or a
+    window of a long recording) costs at most a keyframe interval per target."""
+    with decoding(path, "video") as (container, stream):
         keyframes = keyframe_times(path, start, end)
-        stream = first_stream(container, "video")
         stream.thread_type = "AUTO"
         first, last = stream_span(container, stream)
         t0, t1 = (first, last) if start is None else (start, end)
@@ -761,12 +745,10 @@ def official_frame_indices(count: int, num_frames: int) -> list[int]:
 
 
 def official_window_frame_indices(fps: float, start: float, end: float, num_frames: int) -> list[int]:
-    """D11: the official IEMOCAP choice (0-based frame indices) for the window [start, end] s of a
-    dialogue video: the window widened to [max(start - 1, 0), end + 1], step = floor(fps x its
-    length / num_frames), every step-th frame inside it (1-based index k with fps x low <= k <=
-    fps x high), the first num_frames, the last repeated when fewer. A window of fewer than
-    num_frames frames makes the official step 0 and its decoding fail; here it gives every frame
-    of the window, the last repeated."""
+    """D11: the official IEMOCAP choice (0-based) for the window [start, end] s of a dialogue video:
+    every step-th frame of [low, high] = [max(start - 1, 0), end + 1] (1-based k, fps x low <= k <=
+    fps x high), step = floor(fps x (high - low) / num_frames), the first num_frames, the last
+    repeated when fewer. Where the official step is 0 (its decoding fails): every frame of it."""
     low, high = max(start - OFFICIAL_WINDOW_MARGIN, 0.0), end + OFFICIAL_WINDOW_MARGIN
     step = max(1, math.floor(fps * (high - low) / num_frames))
     first, last = max(1, math.ceil(fps * low)), math.floor(fps * high)
@@ -776,29 +758,38 @@ def official_window_frame_indices(fps: float, start: float, end: float, num_fram
     return kept + [kept[-1]] * (num_frames - len(kept))
 
 
-def decode_frames_at(path: str, indices: list[int], size: int) -> np.ndarray:
-    """(len(indices), size, size, 3) uint8 RGB frames by 0-based frame index (a frame's index is its
-    presentation time x the frame rate), resized and cropped as decode_frames does. Decoding starts
-    at the keyframe before the first index; an index past the end of the stream repeats the last
-    frame decoded (D11)."""
-    with decoding(path) as container:
-        stream = first_stream(container, "video")
+def official_frames(path: str, num_frames: int, size: int, start: float | None = None,
+                    end: float | None = None) -> np.ndarray:
+    """D11: the frames the official code picks, by frame count (MELD clips) or in the widened window
+    of a dialogue video (IEMOCAP), resized and cropped as decode_frames does. A frame's 0-based index
+    is its presentation time x the frame rate; decoding starts at the keyframe before the first
+    index, and an index the stream lacks (past its end) repeats the frame picked before it."""
+    with decoding(path, "video") as (container, stream):
         stream.thread_type = "AUTO"
-        if not stream.average_rate:
+        fps = float(stream.average_rate or 0)
+        if not fps:
             raise MediaError("video stream declares no frame rate")
-        fps, first = float(stream.average_rate), stream_span(container, stream)[0]
-        wanted, found = set(indices), {}
-        earliest = first + min(indices) / fps
+        first, last = stream_span(container, stream)
+        if start is None:
+            # The container's frame count, as the official reader takes it.
+            count = stream.frames or (round((last - first) * fps) if last < math.inf else 0)
+            if not count:
+                raise MediaError("video stream declares no frame count")
+            indices = official_frame_indices(count, num_frames)
+        else:
+            indices = official_window_frame_indices(fps, start, end, num_frames)
+        earliest = first + indices[0] / fps
         keyframe = max((k for k in keyframe_times(path, earliest, earliest) if k <= earliest), default=first)
         if keyframe > first:
             container.seek(int(keyframe / stream.time_base), stream=stream)
+        found = {}
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
             index = round((frame.time - first) * fps)
-            if index in wanted:
+            if index in indices:
                 found[index] = resize_and_crop(frame, size)
-            if index >= max(indices):
+            if index >= indices[-1]:
                 break
     if not found:
         raise MediaError("video stream decodes to nothing")
@@ -809,33 +800,10 @@ def decode_frames_at(path: str, indices: list[int], size: int) -> np.ndarray:
     return np.stack(frames)
 
 
-def official_frames(path: str, num_frames: int, size: int, start: float | None = None,
-                    end: float | None = None) -> np.ndarray:
-    """D11: the frames the official code picks: by frame count (MELD clips), or in the widened
-    window of a dialogue video (IEMOCAP)."""
-    with decoding(path) as container:
-        stream = first_stream(container, "video")
-        fps = float(stream.average_rate or 0)
-        first, last = stream_span(container, stream)
-        count = stream.frames  # the container's frame count, as the official reader takes it
-        if not count and last < math.inf:
-            count = round((last - first) * fps)
-    if not fps:
-        raise MediaError("video stream declares no frame rate")
-    if start is None:
-        if not count:
-            raise MediaError("video stream declares no frame count")
-        return decode_frames_at(path, official_frame_indices(count, num_frames), size)
-    return decode_frames_at(path, official_window_frame_indices(fps, start, end, num_frames), size)
-
-
 def keyframe_times(path: str, start: float | None, end: float | None) -> list[float]:
     """Presentation times of the video keyframes from the one before `start` to `end`, read from the
     packet headers (nothing is decoded)."""
-    with open_media(path) as container:
-        if not container.streams.video:
-            return []
-        stream = container.streams.video[0]
+    with decoding(path, "video") as (container, stream):
         if start is not None:
             container.seek(int(start / stream.time_base), stream=stream)
         times = []
@@ -869,14 +837,11 @@ STALE_TEMPORARY_SECONDS = 3600
 
 
 class MediaCache:
-    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings).
-
-    An entry's key hashes the file's path, size and mtime with the settings, so a changed file or
-    setting is decoded again and nothing else is. A clip that cannot be decoded leaves a `.err` file
-    holding the reason, and the utterance trains with zeros for that modality. Each entry is
-    written atomically, so a prepare that is killed part-way leaves only whole entries and the next
-    one decodes just what is missing.
-    """
+    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings), keyed by the
+    file's path, size and mtime with the settings: a changed file or setting is decoded again and
+    nothing else is. An undecodable clip leaves a `.err` file holding the reason (the utterance trains
+    with zeros for that modality). Entries are written atomically: a prepare killed part-way leaves
+    only whole entries, and the next one decodes just what is missing."""
 
     def __init__(self, cfg: Config):
         self.root = Path(cfg.cache_dir)
@@ -895,7 +860,9 @@ class MediaCache:
             for settings in self.settings.values():
                 settings["stand_in_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
 
-    def key(self, kind: str, path: str, start, end) -> str:
+    def location(self, kind: str, u: Utterance) -> Path:
+        """The entry's path, less its suffix: .npy for the array, .err for the reason it has none."""
+        path, start, end = (u.audio, None, None) if kind == "audio" else (u.video, u.start, u.end)
         try:
             stat = os.stat(path)
             identity = [stat.st_size, stat.st_mtime_ns]
@@ -903,21 +870,15 @@ class MediaCache:
             identity = None
         raw = json.dumps([MEDIA_CACHE_FORMAT, kind, os.path.abspath(path), identity, start, end,
                           self.settings[kind]])
-        return hashlib.sha1(raw.encode()).hexdigest()
-
-    def location(self, kind: str, u: Utterance) -> Path:
-        path = u.audio if kind == "audio" else u.video
-        key = self.key(kind, path, u.start if kind == "video" else None,
-                       u.end if kind == "video" else None)
+        key = hashlib.sha1(raw.encode()).hexdigest()
         return self.root / kind / key[:2] / key
 
     def load(self, kind: str, u: Utterance) -> np.ndarray | None:
         """The decoded array, or None when the clip could not be decoded."""
-        base = self.location(kind, u)
-        npy = base.with_suffix(".npy")
+        npy = self.location(kind, u).with_suffix(".npy")
         if npy.exists():
             return np.load(npy, mmap_mode="r")
-        if base.with_suffix(".err").exists():
+        if npy.with_suffix(".err").exists():
             return None
         raise FileNotFoundError(f"{npy}: not in the media cache; run `telme.py prepare` first")
 
@@ -928,9 +889,8 @@ class MediaCache:
             job = []
             for kind in ("audio", "video"):
                 base = self.location(kind, u)
-                if (str(base) not in seen and not base.with_suffix(".npy").exists()
-                        and not base.with_suffix(".err").exists()):
-                    seen.add(str(base))
+                if base not in seen and not any(base.with_suffix(s).exists() for s in (".npy", ".err")):
+                    seen.add(base)
                     path, window = (u.audio, (None, None)) if kind == "audio" else (u.video, (u.start, u.end))
                     job.append((kind, path, *window, str(base), self.settings[kind]))
             if job:
@@ -948,17 +908,15 @@ class MediaCache:
                 pass
 
     def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False) -> dict[str, float]:
-        """Decode what is not cached yet, one clip per task, in parallel worker processes; returns
-        counts of cached and decoded entries (faults are listed by prepare_media from the .err
-        files), of clips decoded, of this process's workers and the seconds taken."""
+        """Decode what is not cached yet, one clip per task, in worker processes; counts cached and
+        decoded entries (prepare_media lists the faults), clips, this process's workers, seconds."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances)
         # Under torchrun every process must list the same missing entries before any writes one:
         # each takes its share of that list by position.
         barrier()
-        entries = sum(len(job) for job in jobs)
-        # An audio and a video entry per utterance.
-        counts = {"cached": 2 * len(utterances) - entries, "decoded": 0, "clips": len(jobs), "workers": 0}
+        cached = 2 * len(utterances) - sum(map(len, jobs))  # an audio and a video entry per utterance
+        counts = {"cached": cached, "decoded": 0, "clips": len(jobs), "workers": 0}
         started = time.perf_counter()
         rank, world = rank_and_world()
         jobs = jobs[rank::world]  # under torchrun each process decodes its share
@@ -970,8 +928,7 @@ class MediaCache:
             pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
                                                               initargs=(1,)) if workers > 1 else None)
             results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
-            for decoded in progress(results, "decoding", quiet, total=len(jobs), unit="clip"):
-                counts["decoded"] += decoded
+            counts["decoded"] = sum(progress(results, "decoding", quiet, total=len(jobs), unit="clip"))
             if pool:
                 pool.close()
                 pool.join()
@@ -982,8 +939,8 @@ class MediaCache:
 
 
 def decode_job(job: list[tuple]) -> int:
-    """Decode the missing entries of one clip, each written atomically (a fault as its .err file);
-    runs in a worker process. Returns how many entries decoded."""
+    """Decode one clip's missing entries in a worker process, each written atomically (a fault as
+    its .err file); returns how many decoded."""
     decoded = 0
     for kind, path, start, end, base, settings in job:
         try:
@@ -1004,22 +961,22 @@ def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray
         if kind == "audio":
             return np.zeros(OFFICIAL_LONG_CLIP_AUDIO_SAMPLES, AUDIO_CACHE_DTYPE)
         return np.zeros((0, settings["size"], settings["size"], 3), np.uint8)
-    if kind == "audio" and settings.get("normalise_whole_clip"):
+    if kind == "video":
+        decode = official_frames if settings.get("official_indices") else decode_frames  # D11
+        return decode(path, settings["num_frames"], settings["size"], start, end)
+    if settings.get("normalise_whole_clip"):
         # D12: the official processor normalises the whole clip; only then is its tail kept.
-        whole = normalise_waveform(decode_audio(path, settings["rate"], None))
-        return whole[-settings["max_samples"]:].astype(AUDIO_CACHE_DTYPE)
-    if kind == "audio":
-        return decode_audio(path, settings["rate"], settings["max_samples"]).astype(AUDIO_CACHE_DTYPE)
-    if settings.get("official_indices"):  # D11
-        return official_frames(path, settings["num_frames"], settings["size"], start, end)
-    return decode_frames(path, settings["num_frames"], settings["size"], start, end)
+        waveform = normalise_waveform(decode_audio(path, settings["rate"], None))[-settings["max_samples"]:]
+    else:
+        waveform = decode_audio(path, settings["rate"], settings["max_samples"])
+    return waveform.astype(AUDIO_CACHE_DTYPE)
 
 
 def media_seconds(path: str, start: float | None, end: float | None) -> float:
     """Length of the span to decode: the window when there is one, else the container's duration."""
     if start is not None:
         return end - start
-    with decoding(path) as container:
+    with decoding(path) as (container, _):
         return container.duration / av.time_base if container.duration else 0.0
 
 
@@ -1133,9 +1090,8 @@ class Collate:
                                                 for b, it in zip(blank, items)]))
             if self.bgr:
                 frames = frames.flip(-1)  # D7: RGB -> BGR, normalised below as if it were RGB
-            mean = torch.tensor(self.image_mean).view(1, 1, 3, 1, 1)
-            std = torch.tensor(self.image_std).view(1, 1, 3, 1, 1)
-            video = (frames.permute(0, 1, 4, 2, 3).float() / 255 - mean) / std  # (B, T, 3, S, S)
+            mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
+            video = ((frames.float() / 255 - mean) / std).permute(0, 1, 4, 2, 3)  # (B, T, 3, S, S)
             batch["video"] = video.masked_fill(torch.tensor(blank).view(-1, 1, 1, 1, 1), 0.0)
         return batch
 

@@ -638,8 +638,8 @@ def test_a_forty_second_clip_decodes_only_what_is_used(tmp_path, monkeypatch):
     telme.write_clip(tmp_path / "long.avi", index_frames(count), fps)  # DivX: a keyframe every 12 frames
     whole = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 10 ** 9)  # reference: everything
     counts = {"audio": 0, "video": 0}
-    real_open = telme.open_media
-    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    real_open = telme.av.open
+    monkeypatch.setattr(telme.av, "open", lambda path: CountingContainer(real_open(path), counts))
     tail = telme.decode_audio(str(tmp_path / "long.mp4"), 16000, 400000)
     assert len(tail) == 400000 and np.allclose(tail, whole[-400000:], atol=1e-4)
     aac_frames = 40.4 * 48000 / 1024
@@ -657,8 +657,8 @@ def test_a_window_of_a_dialogue_video_is_reached_by_seeking(tmp_path, monkeypatc
     count, fps = 400, 10
     telme.write_clip(tmp_path / "dialogue.avi", index_frames(count), fps)
     counts = {"audio": 0, "video": 0}
-    real_open = telme.open_media
-    monkeypatch.setattr(telme, "open_media", lambda path: CountingContainer(real_open(path), counts))
+    real_open = telme.av.open
+    monkeypatch.setattr(telme.av, "open", lambda path: CountingContainer(real_open(path), counts))
     start, end = 30.05, 33.25  # frames 300..332
     frames = telme.decode_frames(str(tmp_path / "dialogue.avi"), 8, 16, start, end)
     expected = [int((start + (i + 0.5) * (end - start) / 8) * fps) for i in range(8)]
