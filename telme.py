@@ -1113,21 +1113,18 @@ class TextTeacher(nn.Module):
         self.encoder = encoder
         self.project = nn.Linear(encoder.config.hidden_size, feature_dim)
         self.classifier = nn.Linear(feature_dim, num_classes)
-        # RoBERTa-family embeddings number positions from the first non-pad token (padding_idx);
-        # absolute-position encoders (BERT family) would count the left padding, so that a prompt's
-        # output would depend on its batch mates. For those, positions are passed explicitly.
+        # RoBERTa-family embeddings number positions from the first non-pad token; absolute ones (BERT family)
+        # would count the left padding, so that an output depended on its batch mates: those are passed here.
         embeddings = getattr(encoder, "embeddings", None)
         self.explicit_positions = (not hasattr(embeddings, "padding_idx")
                                    and "position_ids" in inspect.signature(encoder.forward).parameters)
 
     def forward(self, input_ids, attention_mask):
-        positions = {}
-        if self.explicit_positions:
-            positions["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        positions = ({"position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}  # (B, L)
+                     if self.explicit_positions else {})
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
         h_mask = hidden[:, -1]  # (B, H): left padding keeps the mask token last
-        # F_T = W h_mask + b; z_T = classifier(F_T)
-        feature = self.project(h_mask)  # (B, D)
+        feature = self.project(h_mask)  # (B, D): F_T = W h_mask + b
         return feature, self.classifier(feature)
 
 
@@ -1144,11 +1141,10 @@ class AudioStudent(nn.Module):
         hidden = self.encoder(audio, attention_mask=audio_mask, mask_time_indices=time_masks).last_hidden_state
         if self.first_frame:  # D3 (official): frame 0, padding for all but the batch's longest clip
             feature = hidden[:, 0]
-            return feature, self.classifier(feature)
-        # D3: average only the frames that cover real samples, not the padding.
-        frames = self.encoder._get_feature_vector_attention_mask(hidden.shape[1], audio_mask)
-        weights = frames.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        feature = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+        else:  # D3: average only the frames that cover real samples, not the padding
+            frames = self.encoder._get_feature_vector_attention_mask(hidden.shape[1], audio_mask)
+            weights = frames.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            feature = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
         return feature, self.classifier(feature)
 
 
@@ -1185,27 +1181,12 @@ def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
 HUB_PROBE_SECONDS = 3  # how long check_model waits for the hub to answer before going offline
 
 
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers a connection within seconds. Unreachable, loading
-    switches to offline mode: a cached model then loads without minutes of connection retries."""
-    import huggingface_hub
-    from urllib.parse import urlparse
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
-        return True
-    except OSError:
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-        return False
-
-
 def check_model(flag: str, name: str) -> None:
     """Stop with one line, before anything is written, when an encoder cannot be loaded: a local
     path that does not exist, or a hub name that is not in the local cache while the hub cannot
     be reached (HF_HUB_OFFLINE=1, or no network)."""
     import huggingface_hub
+    from urllib.parse import urlparse
     path = Path(name).expanduser()
     if path.is_dir():
         return
@@ -1217,8 +1198,14 @@ def check_model(flag: str, name: str) -> None:
         raise SystemExit(f"telme: {flag} {name}: no such directory") from None
     if name.startswith((".", "/", "~")):
         raise SystemExit(f"telme: {flag} {name}: no such directory")
-    reachable = hub_reachable()  # unreachable: offline mode, so a cached model loads without retries
-    if isinstance(cached, str) or reachable:
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        url = urlparse(huggingface_hub.constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+            return
+        except OSError:  # unreachable: offline mode, so a cached model loads without minutes of retries
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if isinstance(cached, str):
         return
     raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
                      f"({huggingface_hub.constants.HF_HUB_CACHE}) while the hub is unreachable or "
@@ -1239,9 +1226,7 @@ STUDENT_MEDIA = {"audio": "audio", "visual": "video"}
 
 def build_student(kind: str, encoder: nn.Module, num_classes: int, first_frame: bool = False) -> nn.Module:
     """The audio or visual student; first_frame: the official audio pooling (D3)."""
-    if kind == "audio":
-        return AudioStudent(encoder, num_classes, first_frame)
-    return VisualStudent(encoder, num_classes)
+    return AudioStudent(encoder, num_classes, first_frame) if kind == "audio" else VisualStudent(encoder, num_classes)
 
 
 # ==================================================================================================
@@ -1350,39 +1335,30 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     official_precision: bool = False  # D14
 
+    def autocast_dtype(self, use: str) -> torch.dtype | None:
+        """The autocast dtype (None: float32) of `use`: a phase's training step, "frozen" (the frozen
+        encoders' outputs a training step reads) or "eval" (dev, test, predict). --amp everywhere but under
+        D14 (official): the teacher trains and every evaluation runs in float32, while the students, the
+        fusion and the frozen outputs they read (inside the official training step) run under --amp."""
+        if self.official_precision and use in ("teacher", "eval"):
+            return None
+        return self.amp_dtype
+
     def autocast(self, use: str):
-        """The autocast context of `use`: a phase's training step, "frozen" (the frozen encoders'
-        outputs a training step reads) or "eval" (dev, test, predict)."""
-        dtype = autocast_dtype(self.amp_dtype, self.official_precision, use)
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        dtype = self.autocast_dtype(use)
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def grad_scaler(self, phase: str) -> torch.amp.GradScaler:
         """Loss scaling for fp16, whose range is too narrow for small gradients; bf16 needs none."""
-        enabled = autocast_dtype(self.amp_dtype, self.official_precision, phase) == torch.float16
-        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype(phase) == torch.float16)
 
-    def synchronize(self) -> None:
-        """Wait for the device's queued work (for timing only)."""
+    def synchronize(self) -> None:  # for timing: wait for the device's queued work
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
-def autocast_dtype(amp_dtype: torch.dtype | None, official_precision: bool, use: str) -> torch.dtype | None:
-    """The autocast dtype (None: float32) of a phase's training step, of "frozen" outputs or of
-    "eval". By default --amp everywhere; D14 (official): the teacher trains and every evaluation
-    runs in float32, while the students, the fusion and the frozen outputs they read (computed
-    inside the official training step) run under --amp."""
-    if official_precision and use in ("teacher", "eval"):
-        return None
-    return amp_dtype
-
-
 def make_runtime(cfg: Config) -> Runtime:
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun, one process per GPU
     if launched and name == "cuda":
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -1424,11 +1400,9 @@ def barrier() -> None:
 
 def gather_objects(value) -> list:
     """`value` of every rank, in rank order (a one-element list in a single process)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return [value]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, value)
+    gathered = [value] * rank_and_world()[1]
+    if len(gathered) > 1:
+        dist.all_gather_object(gathered, value)
     return gathered
 
 
@@ -1454,29 +1428,26 @@ PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress 
 def progress(iterable, description: str, quiet: bool, **kwargs):
     """A tqdm bar on a terminal; otherwise a line about every PROGRESS_SECONDS (a teacher epoch on a
     CPU takes many minutes); nothing under --quiet."""
+    silent = quiet or not is_main_process()
     bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-               disable=quiet or not sys.stderr.isatty() or not is_main_process(), **kwargs)
-    if sys.stderr.isatty() or quiet or not is_main_process():
-        return bar
-    # Through the (disabled) bar all the same: iterated bare instead of through tqdm, a DataLoader
-    # gave the demo's teacher other figures, and figures must not depend on where output goes.
-    return progress_lines(bar, description, bar.total, kwargs.get("unit", "batch"))
+               disable=silent or not sys.stderr.isatty(), **kwargs)
+    # Lines go through the (disabled) bar all the same: iterated bare instead of through tqdm, a
+    # DataLoader gave the demo's teacher other figures, and figures must not depend on where output goes.
+    return bar if silent or sys.stderr.isatty() else progress_lines(bar, description, kwargs.get("unit", "batch"))
 
 
-def progress_lines(iterable, description: str, total: int | None, unit: str):
+def progress_lines(bar: tqdm, description: str, unit: str):
+    total = f"/{bar.total}" if bar.total else ""
     started = last = time.time()
-    for done, item in enumerate(iterable, start=1):
+    for done, item in enumerate(bar, start=1):
         yield item
         if time.time() - last >= PROGRESS_SECONDS:
             last = time.time()
-            print(f"{description}: {unit} {done}{f'/{total}' if total else ''}, {last - started:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(f"{description}: {unit} {done}{total}, {last - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
-    """Warmup and total length of the lr schedule, in scheduler steps (one per optimiser step).
-
-    fit's schedule (transformers' get_linear_schedule_with_warmup), at scheduler step s:
+    """Warmup and total length of fit's lr schedule in scheduler steps (one per optimiser step); at step s,
     lr(s) = lr * s / warmup while s < warmup, then lr * max(0, (total - s) / (total - warmup))."""
     # D4: the official code counts both in samples while stepping once per batch, so the warmup
     # lasts batch_size epochs and the decay would end batch_size times later than training does.
@@ -1510,24 +1481,19 @@ def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed:
     # evaluation shards are padded with repeats to equal length, and run_model drops the repeats.
     sampler = (DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
                if world > 1 else None)
-    return DataLoader(dataset, batch_size=loader_batch_size(dataset, cfg, shuffle),
-                      shuffle=shuffle and sampler is None,
-                      sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", generator=generator,
-                      persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=loader_batch_size(dataset, cfg, shuffle), shuffle=shuffle and sampler is None,
+                      sampler=sampler, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=rt.device.type == "cuda", generator=generator)
 
 
 def loader_batch_size(dataset, cfg: Config, training: bool) -> int:
-    """cfg.batch_size for training; for forward-only passes, cfg.eval_batch_size where an item's
-    output does not depend on its batch mates. Audio keeps batch_size: the padding to the batch's
-    longest clip reaches the last real frames through data2vec's stacked positional convolutions,
-    so F_A depends on the batch; evaluated in training-size batches, it stays as trained. So does
-    the fusion's output under D2."""
-    if training or "audio" in getattr(dataset, "kinds", ()):
-        return cfg.batch_size
-    if isinstance(dataset, FeatureDataset) and cfg.asf_attention == "batch":
-        return cfg.batch_size
-    return cfg.eval_batch_size
+    """cfg.batch_size for training; for forward-only passes, cfg.eval_batch_size where an item's output
+    does not depend on its batch mates. Audio keeps batch_size: the padding to the batch's longest clip
+    reaches the last real frames through data2vec's stacked positional convolutions, so F_A depends on
+    the batch and stays as trained in training-size batches; so does the fusion's output under D2."""
+    batch_bound = "audio" in getattr(dataset, "kinds", ()) or (
+        isinstance(dataset, FeatureDataset) and cfg.asf_attention == "batch")
+    return cfg.batch_size if training or batch_bound else cfg.eval_batch_size
 
 
 # --- The run directory: everything a later phase, eval or predict needs -------------------------
@@ -1541,7 +1507,6 @@ def save_weights(module: nn.Module, path: Path, **metadata) -> None:
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
-    """Load a phase's weights into `module`."""
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found; train that phase first")
     module.load_state_dict(load_file(path))
@@ -1566,94 +1531,73 @@ def phase_complete(run: Path, phase: str) -> bool:
     return complete_marker(run, phase).is_file()
 
 
-def forget_phases(run: Path, phases, entries=()) -> None:
-    """Delete what an earlier run left of these phases (checkpoints, markers, weights) and their
-    metrics.json entries, with those of the phases in `entries`."""
-    for phase in phases:
-        checkpoint_path(run, phase).unlink(missing_ok=True)
-        complete_marker(run, phase).unlink(missing_ok=True)
-        weights_path(run, phase).unlink(missing_ok=True)
-    metrics = run / "metrics.json"
-    stale = set(phases) | set(entries)
-    if metrics.is_file() and stale & set(everything := json.loads(metrics.read_text())):
-        kept = {p: m for p, m in everything.items() if p not in stale}
-        atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
-
-
 # The phases trained on each phase's weights (the students distil the teacher, the fusion reads all three).
-DEPENDENT_PHASES = {"teacher": ("audio", "visual", "fusion"), "audio": ("fusion",), "visual": ("fusion",),
-                    "fusion": ()}
+DEPENDENT_PHASES = {"teacher": ("audio", "visual", "fusion"), "audio": ("fusion",), "visual": ("fusion",), "fusion": ()}
 
 
 def replace_weights(run: Path, phase: str, model: nn.Module, **metadata) -> None:
-    """Write a phase's new best weights over its old ones; only then go the weights of the phases
-    trained on the old ones, and the old metrics.json entry, so that a run that fails before its
-    first epoch ends leaves the earlier run's weights as they were."""
-    stale = [p for p in DEPENDENT_PHASES[phase] if weights_path(run, p).is_file()]
+    """Write a phase's new best weights over its old ones; only then go the phases trained on the
+    old ones (weights, checkpoints, markers) and the metrics.json entries of all these, so that a
+    run that fails before its first epoch ends leaves the earlier run's weights as they were."""
+    dependent = DEPENDENT_PHASES[phase]
+    stale = [p for p in dependent if weights_path(run, p).is_file()]
     save_weights(model, weights_path(run, phase), **metadata)
     if stale:
         log(f"telme: {run}: new {phase} weights; removed the {', '.join(stale)} weights trained on the old ones")
-    forget_phases(run, DEPENDENT_PHASES[phase], entries=(phase,))
+    for p in dependent:
+        for path in (checkpoint_path(run, p), complete_marker(run, p), weights_path(run, p)):
+            path.unlink(missing_ok=True)
+    metrics, entries = run / "metrics.json", {phase, *dependent}
+    if metrics.is_file() and entries & set(everything := json.loads(metrics.read_text())):
+        kept = {p: m for p, m in everything.items() if p not in entries}
+        atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
 
 
 def saved_epoch(run: Path, phase: str) -> int | None:
-    """The last epoch a phase's checkpoint holds (memory-mapped: its tensors are not read); None
-    without a readable one."""
-    path = checkpoint_path(run, phase)
+    """The last epoch a phase's checkpoint holds (memory-mapped: its tensors are not read); None without one."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        return torch.load(checkpoint_path(run, phase), map_location="cpu", weights_only=True, mmap=True)["epoch"]
     except (EOFError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
         return None
 
 
-def rng_states(generator: torch.Generator | None) -> dict:
-    """Every random stream training draws from, the data order's generator included, in types that
-    torch.load(weights_only=True) reads back (numpy's key array as a list)."""
-    kind, key, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, key.tolist(), position, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "loader": generator.get_state() if generator is not None else None}
-
-
-def set_rng_states(states: dict, generator: torch.Generator | None) -> None:
-    random.setstate(states["python"])
-    kind, key, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, np.array(key, np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if generator is not None:
-        generator.set_state(states["loader"])
-
-
 def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedule, scaler,
                     generator) -> None:
-    """Everything needed to continue after `epoch` as if never stopped; written atomically."""
+    """Everything needed to continue after `epoch` as if never stopped, written atomically: with every
+    random stream training draws from, the data order's generator included, in types that
+    torch.load(weights_only=True) reads back (numpy's key array as a list)."""
+    kind, key, position, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), position, has_gauss, gauss),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "loader": generator.get_state() if generator is not None else None}
     state = {"epoch": epoch, "best": best, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(generator)}
+             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The state save_checkpoint wrote; a truncated or damaged file stops with a one-line error."""
+def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator) -> tuple[int, dict]:
+    """Load what save_checkpoint wrote into the training objects; returns (last completed epoch, best
+    so far). A truncated or damaged file stops with a one-line error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); delete it to "
                          "restart this phase from its first epoch") from None
-
-
-def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator) -> tuple[int, dict]:
-    """Load a checkpoint into the training objects; returns (last completed epoch, best so far)."""
-    state = load_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if state["scaler"]:  # empty when it was saved disabled (on a CPU, or without fp16)
         scaler.load_state_dict(state["scaler"])
-    set_rng_states(state["rng"], generator)
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, key, position, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(key, np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if generator is not None:
+        generator.set_state(rng["loader"])
     return state["epoch"], state["best"]
 
 
@@ -1687,8 +1631,7 @@ def load_teacher(run: Path, cfg: Config, rt: Runtime):
 
 def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
     phase = {media: student for student, media in STUDENT_MEDIA.items()}[kind]
-    student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]),
-                            cfg.official_audio_pooling)
+    student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]), cfg.official_audio_pooling)
     load_weights(student, weights_path(run, phase))
     return student.to(rt.device).eval()
 
@@ -1698,15 +1641,12 @@ VIDEOMAE_IMAGE_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def make_collate(cfg: Config, pad_id: int = 0, image_stats=None) -> Collate:
-    image_stats = image_stats or TIMESFORMER_IMAGE_STATS
-    if cfg.official_frames:
-        image_stats = VIDEOMAE_IMAGE_STATS  # D7
-    return Collate(pad_id=pad_id, image_mean=tuple(image_stats[0]), image_std=tuple(image_stats[1]),
-                   num_frames=cfg.num_frames, image_size=cfg.image_size,
-                   audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
+    mean, std = VIDEOMAE_IMAGE_STATS if cfg.official_frames else image_stats or TIMESFORMER_IMAGE_STATS  # D7
+    return Collate(pad_id=pad_id, image_mean=tuple(mean), image_std=tuple(std), num_frames=cfg.num_frames,
+                   image_size=cfg.image_size, audio_left_pad=cfg.official_audio_pooling, bgr=cfg.official_frames,
                    audio_normalised=cfg.official_audio_normalisation, pad_to_longest=cfg.official_audio_padding,
-                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens,
-                   audio_buckets=cfg.audio_buckets, max_audio=cfg.max_audio_samples)
+                   text_bucket=cfg.text_bucket, max_text=cfg.max_text_tokens, audio_buckets=cfg.audio_buckets,
+                   max_audio=cfg.max_audio_samples)
 
 
 def text_forward(model, batch):

@@ -1786,7 +1786,7 @@ def test_d14_official_precision_per_phase():
     def plan(official):
         rt = telme.Runtime(torch.device("cpu"), torch.float16, official)
         uses = ("teacher", "audio", "visual", "fusion", "frozen", "eval")
-        return ({u: telme.autocast_dtype(rt.amp_dtype, rt.official_precision, u) for u in uses},
+        return ({u: rt.autocast_dtype(u) for u in uses},
                 {p: rt.grad_scaler(p).is_enabled() for p in telme.PHASES})
     assert plan(False) == ({u: torch.float16 for u in ("teacher", "audio", "visual", "fusion", "frozen", "eval")},
                            {p: True for p in telme.PHASES})
