@@ -2937,86 +2937,65 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
 # ==================================================================================================
 # 8. Benchmark: decoding once, the caches, full-size training steps
 # ==================================================================================================
-# MELD's clips: 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC.
-BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000)
-# Synthetic footage: a random texture of 64-pixel blocks panning 3 pixels per frame, so that h264
-# has motion to encode as in real footage: about 1.1 MB per clip (16-pixel blocks gave 8 MB).
-BENCH_TEXTURE_BLOCK, BENCH_PAN_PIXELS = 64, 3
-# Teacher prompt lengths, drawn uniformly: a batch of 4 pads to 166 tokens on average, about the mean
-# padded length of a batch of 4 on MELD train (160). Varied, as in training, so that a compiled
-# teacher meets new lengths too.
+# MELD's clips: 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC. The footage: a random texture
+# of 64-pixel blocks panning 3 pixels per frame, so that h264 has motion to encode as in real footage.
+BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000, block=64, pan=3)
+# Teacher prompt lengths, drawn uniformly: a batch of 4 pads to 166 tokens on average (MELD train:
+# 160). Varied, as in training, so that a compiled teacher meets new lengths too.
 BENCH_TEXT_TOKENS = (64, 192)
 # (warm-up, timed) training steps and forward-only batches per phase: a full-size step takes tens of
 # seconds on a CPU. On a GPU the first steps of each new input length pay for cuDNN plans, matrix
-# product heuristics and the allocator's growth (~4x a steady step; the teacher ran 6.8 steps/s after
-# 30 warm-up steps, 10.1 after 200), so the warm-up spans the lengths of the bench set.
+# product heuristics and the allocator's growth (the teacher ran 6.8 steps/s after 30 warm-up steps,
+# 10.1 after 200), so the warm-up spans the lengths of the bench set.
 BENCH_STEPS = {"cpu": (1, 1), "cuda": (200, 50)}
 BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (20, 20)}
-# MELD's split sizes: the fusion epoch and the projected wall-clock.
-MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}
+MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}  # for the fusion epoch and the projection
 
 
 def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
     """`count` clips in MELD's format, written with write_clip; one utterance per clip."""
     rng = np.random.default_rng(seed)
-    width, height, fps, rate = (BENCH_CLIP[k] for k in ("width", "height", "fps", "audio_rate"))
+    width, height, fps, rate, block, pan = (BENCH_CLIP[k] for k in ("width", "height", "fps", "audio_rate",
+                                                                   "block", "pan"))
     utterances = []
     for i in range(count):
         seconds = rng.uniform(*BENCH_CLIP["seconds"])
         frame_count = int(seconds * fps)
-        span = width + BENCH_PAN_PIXELS * frame_count  # the texture pans across this width
-        blocks = rng.integers(0, 256, (-(-height // BENCH_TEXTURE_BLOCK), -(-span // BENCH_TEXTURE_BLOCK), 3),
-                              dtype=np.uint8)
-        texture = blocks.repeat(BENCH_TEXTURE_BLOCK, 0).repeat(BENCH_TEXTURE_BLOCK, 1)
-        frames = np.stack([texture[:height, BENCH_PAN_PIXELS * k:BENCH_PAN_PIXELS * k + width]
-                           for k in range(frame_count)])  # (N, H, W, 3)
+        span = width + pan * frame_count  # the texture pans across this width
+        blocks = rng.integers(0, 256, (-(-height // block), -(-span // block), 3), dtype=np.uint8)
+        texture = blocks.repeat(block, 0).repeat(block, 1)
+        frames = np.stack([texture[:height, pan * k:pan * k + width] for k in range(frame_count)])  # (N, H, W, 3)
         t = np.arange(int(seconds * rate)) / rate
         tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.02 * rng.standard_normal(t.size)
         path = out / f"dia{i}_utt0.mp4"
         write_clip(path, frames, fps, np.stack([tone, tone]).astype(np.float32), rate)
-        utterances.append(Utterance(dialogue=str(i), speaker="A", text="", label=i % len(EMOTIONS["meld"]),
-                                    video=str(path), audio=str(path)))
+        utterances.append(Utterance(str(i), "A", "", i % len(EMOTIONS["meld"]), str(path), str(path)))
     return utterances
 
 
-def full_size_configs(cfg: Config) -> dict:
-    """The paper's three encoders' architectures, for random weights (nothing is downloaded)."""
-    from transformers import Data2VecAudioConfig, RobertaConfig, TimesformerConfig
-    return {
-        # RoBERTa-large (RobertaConfig's defaults are roberta-base), its vocabulary plus <s1>..<s9>.
-        "text": RobertaConfig(vocab_size=50265 + len(SPEAKER_TOKENS), hidden_size=1024,
-                              num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                              max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
-        "audio": Data2VecAudioConfig(mask_time_length=cfg.mask_time_length),  # data2vec-audio-base
-        "video": TimesformerConfig(num_frames=cfg.num_frames, image_size=cfg.image_size),  # -base
-    }
-
-
-def endless(loader: DataLoader):
-    while True:
-        yield from loader
-
-
 def bench_phase(job: tuple) -> dict:
-    """Steps/s, share of the time spent waiting for batches and peak memory of one phase's training
-    step with its full-size model, then its forward-only batches/s. Runs in a fresh process, so that
-    the peak is this phase's own."""
+    """One phase's training steps with its full-size model (random weights, nothing is downloaded),
+    then its forward-only batches. Runs in a fresh process, so that the peak memory is the phase's own."""
     phase, cfg, utterances, (warmup, steps), (eval_warmup, eval_batches), threads = job
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     transformers.set_seed(cfg.seed)
-    # The clips repeated, so that one pass of the loader spans the timed steps (as in a MELD epoch,
+    # The clips repeated, so that one pass of each loader spans its batches (as in a MELD epoch,
     # whose 2497 steps pay for starting the loader's workers once).
     needed = max((warmup + steps) * cfg.batch_size, (eval_warmup + eval_batches) * cfg.eval_batch_size)
     utterances = utterances * -(-needed // len(utterances))
-    configs, classes, n = full_size_configs(cfg), len(EMOTIONS[cfg.dataset]), len(utterances)
-    collate = make_collate(cfg, pad_id=configs["text"].pad_token_id)
+    classes, n = len(EMOTIONS[cfg.dataset]), len(utterances)
     if phase == "teacher":  # prompts are token ids in memory; the teacher phase opens no media
-        model = TextTeacher(AutoModel.from_config(configs["text"]), classes, cfg.feature_dim)
+        # RoBERTa-large (RobertaConfig's defaults are roberta-base), its vocabulary plus <s1>..<s9>
+        text = AutoConfig.for_model("roberta", vocab_size=50265 + len(SPEAKER_TOKENS), hidden_size=1024,
+                                    num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                                    max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
+        model = TextTeacher(AutoModel.from_config(text), classes, cfg.feature_dim)
         lengths = torch.randint(BENCH_TEXT_TOKENS[0], BENCH_TEXT_TOKENS[1] + 1, (n,)).tolist()
-        ids = [torch.randint(3, configs["text"].vocab_size, (k,)).tolist() for k in lengths]
-        dataset, forward, loss_fn = UtteranceDataset(utterances, text_ids=ids), text_forward, teacher_loss
+        ids = [torch.randint(3, text.vocab_size, (k,)).tolist() for k in lengths]
+        dataset, collate = UtteranceDataset(utterances, text_ids=ids), make_collate(cfg, pad_id=text.pad_token_id)
+        forward, loss_fn = text_forward, teacher_loss
     elif phase == "fusion":  # the frozen encoders' features, computed once
         model = build_fusion(cfg)
         features = {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
@@ -3024,8 +3003,10 @@ def bench_phase(job: tuple) -> dict:
         collate, forward, loss_fn = None, fusion_forward, fusion_loss
     else:  # a student on cached media, against the frozen teacher's precomputed outputs
         kind, forward = STUDENT_MEDIA[phase], audio_forward if phase == "audio" else video_forward
-        model = build_student(kind, AutoModel.from_config(configs[kind]), classes)
-        dataset = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,))
+        config = (AutoConfig.for_model("data2vec-audio", mask_time_length=cfg.mask_time_length) if kind == "audio"
+                  else AutoConfig.for_model("timesformer", num_frames=cfg.num_frames, image_size=cfg.image_size))
+        model = build_student(kind, AutoModel.from_config(config), classes)  # data2vec-audio-base, TimeSformer-base
+        dataset, collate = UtteranceDataset(utterances, media=MediaCache(cfg), kinds=(kind,)), make_collate(cfg)
         loss_fn = student_step_loss(host_time_masks(model.encoder, forward) if kind == "audio" else forward,
                                     torch.randn(n, cfg.feature_dim, device=rt.device),
                                     torch.randn(n, classes, device=rt.device), cfg)
@@ -3033,140 +3014,103 @@ def bench_phase(job: tuple) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scaler = make_optimizer(params, cfg.lr[1]), rt.grad_scaler(phase)
     trained, update = compiled_step(model, optimizer, cfg, rt.device)  # compiled during the warm-up steps
-    batches = endless(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
-    waited, warmup_started = 0.0, time.perf_counter()
+    batches = iter(make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed))
+    waited, begun = 0.0, time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             rt.synchronize()
-            started, cpu_started, waited = time.perf_counter(), time.process_time(), 0.0
-            warmup_seconds = started - warmup_started  # compiling included, under --compile
+            started, waited = time.perf_counter(), 0.0
         before = time.perf_counter()
         batch = to_device(next(batches), rt.device)
         waited += time.perf_counter() - before
         train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase, update)
     rt.synchronize()
-    elapsed, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    # Forward-only batches, as evaluation and the frozen-output passes run them (run_model).
-    model.eval()
+    elapsed, warmup_s = time.perf_counter() - started, started - begun  # compiling included, under --compile
+    # Forward-only batches through run_model, as evaluation and the frozen outputs run them; its
+    # outputs end on the host, so that the device has finished.
     loader = make_loader(dataset, cfg, rt, collate, shuffle=False)
-    with torch.no_grad():
-        for i, batch in enumerate(itertools.islice(loader, eval_warmup + eval_batches)):
-            if i == eval_warmup:
-                rt.synchronize()
-                eval_started = time.perf_counter()
-            with rt.autocast("eval"):
-                forward(model, to_device(batch, rt.device))
-    rt.synchronize()
+    batches = iter(loader)
+    run_model(model, itertools.islice(batches, eval_warmup), forward, rt, cfg.quiet, "warm-up")
+    eval_started = time.perf_counter()
+    run_model(model, itertools.islice(batches, eval_batches), forward, rt, cfg.quiet, "timed")
     eval_elapsed = time.perf_counter() - eval_started
     if rt.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(rt.device)
-    else:
+    else:  # the process's peak RSS, libraries included
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"phase": phase, "steps_per_s": steps / elapsed, "cpu_s_per_step": cpu_seconds / steps,
-            "data_share": waited / elapsed, "warmup_s": warmup_seconds,
-            # what a training run of this phase pays once beyond its steps: compiling, cuDNN plans
-            "start_s": max(0.0, warmup_seconds - warmup * elapsed / steps), "eval_batch": loader.batch_size,
+    # start_s: what a training run of this phase pays once beyond its steps (compiling, cuDNN plans)
+    return {"phase": phase, "steps_per_s": steps / elapsed, "data_share": waited / elapsed, "warmup_s": warmup_s,
+            "start_s": max(0.0, warmup_s - warmup * elapsed / steps), "eval_batch": loader.batch_size,
             "eval_batches_per_s": eval_batches / eval_elapsed,
             "peak_gib": peak / 2 ** 30, "parameters_m": sum(p.numel() for p in params) / 1e6}
 
 
-def bench_fusion_epoch(cfg: Config, rt: Runtime, run: Path) -> tuple[float, float]:
-    """Wall-clock and CPU seconds of one fusion epoch through fit_fusion() (train, dev and test) on
-    MELD-sized feature caches."""
-    classes = len(EMOTIONS[cfg.dataset])
-    outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
-               | {"label": torch.randint(classes, (n,))} for split, n in MELD_SIZES.items()}
-    started, cpu_started = time.perf_counter(), time.process_time()
-    fit_fusion(cfg, rt, run, outputs, epochs=1)
-    rt.synchronize()
-    return time.perf_counter() - started, time.process_time() - cpu_started
-
-
 def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0,
           phases: tuple = PHASES) -> dict:
-    """Print the benchmark table: (a) decoding and the media cache, (b) full-size training steps per
-    phase, (c) a MELD-sized fusion epoch from the feature caches."""
+    """Print (a) decoding and the media cache, (b) full-size training steps per phase, (c) a MELD-sized
+    fusion epoch from the feature caches; from (b) of every phase and (c), the projected MELD wall-clock."""
     if set(phases) - set(PHASES):
         raise SystemExit(f"telme: --phases takes {','.join(PHASES)}, not {','.join(phases)}")
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
-    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else (
+    kind = "cuda" if rt.device.type == "cuda" else "cpu"
+    device = torch.cuda.get_device_name(rt.device) if kind == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    # CPU seconds are printed beside wall-clock ones: on a shared machine they show the cost apart
-    # from the wait for a core (the load average says how shared it was).
     started = time.perf_counter()
-    print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, amp {rt.amp_dtype}, compile {cfg.compile} ({cfg.compile_mode}), "
-          f"text bucket {cfg.text_bucket}, audio buckets {cfg.audio_buckets}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"telme bench on {rt.device} ({device}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"amp {rt.amp_dtype}, compile {cfg.compile} ({cfg.compile_mode}), text bucket {cfg.text_bucket}, "
+          f"audio buckets {cfg.audio_buckets}; load average {os.getloadavg()[0]:.1f}")
     cfg = dataclasses.replace(cfg, cache_dir=str(out / "cache"), quiet=True)
-    utterances = bench_clips(out / "clips", clips) if "a" in parts or "b" in parts else []
     results = {"device": device}
-    if "a" in parts:  # decoded by one process first: the cost per clip, without workers to start
-        single = MediaCache(dataclasses.replace(cfg, cache_dir=str(out / "cache-1-process")))
-        single_seconds = single.prepare(utterances, 1, quiet=True)["seconds"]
-    if "a" in parts or "b" in parts:  # then as prepare runs, into the cache (b)'s students read
+    if "a" in parts or "b" in parts:  # decoded as prepare runs, into the cache (b)'s students read
+        utterances = bench_clips(out / "clips", clips)
         media = MediaCache(cfg)
-        counts = media.prepare(utterances, cfg.workers, quiet=True)
-    if "a" in parts:
-        entries = list(media.root.rglob("*.npy"))
-        # A cached epoch as a student phase reads it, in this process.
+        decoded = media.prepare(utterances, cfg.workers, quiet=True)
+    if "a" in parts:  # then a cached epoch as a student phase reads it, in this process
         loader = make_loader(UtteranceDataset(utterances, media=media, kinds=("audio", "video")),
                              dataclasses.replace(cfg, loader_workers=0), rt, make_collate(cfg),
                              shuffle=True, seed=cfg.seed)
         cached_started = time.perf_counter()
         for _ in loader:
             pass
-        cached_seconds = time.perf_counter() - cached_started
-        results["decode"] = {
-            "clips": clips, "workers": counts["workers"],
-            "first_pass_clips_per_s": clips / counts["seconds"],
-            "first_pass_one_process_clips_per_s": clips / single_seconds,
-            "cached_clips_per_s": clips / cached_seconds,
-            "cache_bytes_per_clip": sum(p.stat().st_size for p in entries) / clips,
-            "mp4_bytes_per_clip": sum(os.path.getsize(u.video) for u in utterances) / clips}
-        d = results["decode"]
-        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, "
-              f"48 kHz stereo AAC)\n| pass | clips/s | cache MB/clip | mp4 MB/clip |\n"
-              f"|---|---|---|---|\n"
-              f"| first, 1 process | {d['first_pass_one_process_clips_per_s']:.2f} | "
-              f"{d['cache_bytes_per_clip'] / 1e6:.2f} | {d['mp4_bytes_per_clip'] / 1e6:.2f} |\n"
-              f"| first, `prepare` ({d['workers']} workers, start-up included) | "
-              f"{d['first_pass_clips_per_s']:.2f} | | |\n"
-              f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | | |")
+        d = results["decode"] = {
+            "clips": clips, "workers": decoded["workers"], "first_pass_clips_per_s": clips / decoded["seconds"],
+            "cached_clips_per_s": clips / (time.perf_counter() - cached_started),
+            "cache_bytes_per_clip": sum(p.stat().st_size for p in media.root.rglob("*.npy")) / clips}
+        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, 48 kHz stereo AAC)\n"
+              f"| pass | clips/s | cache MB/clip |\n|---|---|---|\n| first, `prepare` ({d['workers']} workers, "
+              f"start-up included) | {d['first_pass_clips_per_s']:.2f} | {d['cache_bytes_per_clip'] / 1e6:.2f} |\n"
+              f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | |")
     if "b" in parts:
-        kind = "cuda" if rt.device.type == "cuda" else "cpu"
-        warmup, timed = BENCH_STEPS[kind]
-        timed = steps or timed
-        shortest, longest = BENCH_TEXT_TOKENS
-        print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} "
-              f"({timed} timed after {warmup} warm-up; teacher prompts {shortest}-{longest} tokens); "
-              f"forward-only batches as evaluation runs them\n"
-              f"| phase | parameters (M) | steps/s | s/step | CPU s/step | waiting for data | warm-up s "
-              f"| peak memory (GiB) | eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|---|",
-              flush=True)
+        warmup, timed = BENCH_STEPS[kind][0], steps or BENCH_STEPS[kind][1]
+        print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} ({timed} "
+              f"timed after {warmup} warm-up; teacher prompts {BENCH_TEXT_TOKENS[0]}-{BENCH_TEXT_TOKENS[1]} "
+              f"tokens); forward-only batches as evaluation runs them\n| phase | parameters (M) | steps/s "
+              f"| s/step | waiting for data | warm-up s | peak {'GPU memory' if kind == 'cuda' else 'RSS'} (GiB) "
+              f"| eval batch | eval batches/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         results["steps"] = []
         for phase in phases:  # a row as each phase ends
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 job = (phase, cfg, utterances, (warmup, timed), BENCH_EVAL_BATCHES[kind], threads)
-                r = pool.submit(bench_phase, job).result()
-            results["steps"].append(r)
-            print(f"| {r['phase']} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | "
-                  f"{1 / r['steps_per_s']:.3f} | {r['cpu_s_per_step']:.3f} | {100 * r['data_share']:.1f}% "
-                  f"| {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} "
+                results["steps"].append(r := pool.submit(bench_phase, job).result())
+            print(f"| {phase} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.3f} "
+                  f"| {100 * r['data_share']:.1f}% | {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} "
                   f"| {r['eval_batches_per_s']:.3f} |", flush=True)
-        print("(peak memory: " + ("torch.cuda.max_memory_allocated" if rt.device.type == "cuda"
-                                  else "the phase's process's peak RSS, libraries included") + ")")
-    if "c" in parts:
+    if "c" in parts:  # one epoch of fit_fusion (train, then dev and test) on MELD-sized feature caches
+        outputs = {split: {k: torch.randn(n, cfg.feature_dim) for k in ("f_teacher", "f_audio", "f_visual")}
+                   | {"label": torch.randint(len(EMOTIONS[cfg.dataset]), (n,))} for split, n in MELD_SIZES.items()}
         run = out / "fusion-run"
         run.mkdir(parents=True, exist_ok=True)
-        results["fusion_epoch_s"], cpu_seconds = bench_fusion_epoch(cfg, rt, run)
+        epoch_started = time.perf_counter()
+        fit_fusion(cfg, rt, run, outputs, epochs=1)
+        rt.synchronize()
+        results["fusion_epoch_s"] = time.perf_counter() - epoch_started
         print(f"\n(c) fusion epoch from the feature caches, MELD-sized (train {MELD_SIZES['train']}, dev "
               f"{MELD_SIZES['dev']}, test {MELD_SIZES['test']}; dim {cfg.feature_dim}; batch "
-              f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s ({cpu_seconds:.1f} CPU s)")
+              f"{cfg.batch_size}): {results['fusion_epoch_s']:.1f} s")
     if "b" in parts and "c" in parts and set(phases) == set(PHASES):
         print_projection(results, make_config("meld"))
     print(f"\nbench: {time.perf_counter() - started:.0f} s in all")
@@ -3174,34 +3118,30 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
 
 
 def print_projection(results: dict, meld: Config) -> None:
-    """The MELD recipe's wall-clock on this device, from the measured rates (an estimate)."""
+    """The MELD recipe's wall-clock on this device, from the measured rates (an estimate); start_s is
+    paid once per training run of a phase (compiling, cuDNN plans)."""
     measured = {r["phase"]: r for r in results["steps"]}
 
     def forward_seconds(phase: str, splits) -> float:  # one forward-only pass over these splits
         batches = sum(math.ceil(MELD_SIZES[s] / measured[phase]["eval_batch"]) for s in splits)
         return batches / measured[phase]["eval_batches_per_s"]
 
-    def epoch_seconds(phase: str) -> float:  # train, then evaluate on dev and test
-        train_steps = math.ceil(MELD_SIZES["train"] / meld.batch_size)
-        return train_steps / measured[phase]["steps_per_s"] + forward_seconds(phase, ("dev", "test"))
+    def training_seconds(phase: str, epochs: int) -> float:  # each epoch trains, then evaluates dev and test
+        steps = math.ceil(MELD_SIZES["train"] / meld.batch_size) / measured[phase]["steps_per_s"]
+        return measured[phase]["start_s"] + epochs * (steps + forward_seconds(phase, ("dev", "test")))
 
-    # start_s: paid once per training run of a phase (compiling, cuDNN plans)
-    seconds = {
-        "teacher": measured["teacher"]["start_s"] + meld.epochs[0] * epoch_seconds("teacher"),
-        # the frozen teacher's outputs on train once, then each student
-        "students": forward_seconds("teacher", ("train",))
-                    + measured["audio"]["start_s"] + measured["visual"]["start_s"]
-                    + meld.epochs[1] * (epoch_seconds("audio") + epoch_seconds("visual")),
-        # the three frozen encoders over every split once, then the measured fusion epochs (each
-        # measured with its start, compiling included: an overestimate by nine starts)
-        "fusion": sum(forward_seconds(p, MELD_SIZES) for p in ("teacher", "audio", "visual"))
-                  + meld.epochs[2] * results["fusion_epoch_s"],
-    }
-    hours = {phase: value / 3600 for phase, value in seconds.items()}
+    # The students read the frozen teacher's outputs on train, the fusion those of all three encoders
+    # on every split, each computed once; each fusion epoch was measured with its start, compiling
+    # included (an overestimate by nine starts).
+    seconds = {"teacher": training_seconds("teacher", meld.epochs[0]),
+               "students": forward_seconds("teacher", ("train",)) + training_seconds("audio", meld.epochs[1])
+               + training_seconds("visual", meld.epochs[1]),
+               "fusion": sum(forward_seconds(p, MELD_SIZES) for p in ("teacher", "audio", "visual"))
+               + meld.epochs[2] * results["fusion_epoch_s"]}
+    hours = results["projected_hours"] = {phase: value / 3600 for phase, value in seconds.items()}
     print(f"\nprojected MELD recipe on this device (epochs {meld.epochs}, batch {meld.batch_size}; "
           f"decoding not included): " + ", ".join(f"{p} {h:.2f} h" for p, h in hours.items())
           + f"; total {sum(hours.values()):.2f} h")
-    results["projected_hours"] = hours
 
 
 # ==================================================================================================
