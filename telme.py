@@ -2951,23 +2951,18 @@ def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) 
     if dataset == "iemocap":
         return synth_iemocap(out, dialogues, rng)
     classes = EMOTIONS["meld"]
-    sizes = {"train": dialogues, "dev": max(2, dialogues // 4), "test": max(2, dialogues // 4)}
-    for split, count in sizes.items():
-        csv_name, clip_dir = MELD_SPLITS[split]
+    for split, (csv_name, clip_dir) in MELD_SPLITS.items():
         rows = []
-        for d in range(count):
+        for d in range(dialogues if split == "train" else max(2, dialogues // 4)):
             cast = rng.sample(SYNTH_SPEAKERS, rng.randint(2, 3))
             for u in range(rng.randint(3, 7)):
                 label = rng.randrange(len(classes))
                 text, frames, audio = synth_utterance(label, len(classes), rng)
                 write_clip(out / clip_dir / f"dia{d}_utt{u}.mp4", frames, SYNTH_FPS, audio)
-                end = f"00:00:{u * 3 + 2:02d},500"
-                rows.append([len(rows) + 1, text, rng.choice(cast), classes[label],
-                             MELD_SENTIMENT[classes[label]], d, u, 1, 1, f"00:00:{u * 3:02d},000", end])
+                rows.append([len(rows) + 1, text, rng.choice(cast), classes[label], MELD_SENTIMENT[classes[label]],
+                             d, u, 1, 1, f"00:00:{u * 3:02d},000", f"00:00:{u * 3 + 2:02d},500"])
         with open(out / csv_name, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(MELD_COLUMNS)
-            writer.writerows(rows)
+            csv.writer(f).writerows([MELD_COLUMNS, *rows])
     return out
 
 
@@ -2976,18 +2971,17 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
     the release's line formats, one 16 kHz wav per turn and one avi holding every turn of both
     speakers, separated by grey. Some turns carry labels outside the six classes (xxx, oth, ...)."""
     classes = EMOTIONS["iemocap"]
-    counts = {session: 0 for session in IEMOCAP_SESSIONS}
-    for index in range(dialogues + max(2, dialogues // 4)):
-        counts[IEMOCAP_SESSIONS[index % 4] if index < dialogues else IEMOCAP_TEST_SESSION] += 1
-    names = {session: list(itertools.islice(synth_dialogue_names(session), count))
-             for session, count in counts.items()}
-    for number, (session, dialogs) in enumerate(names.items(), start=1):
+    # Sessions 1-4 take the dialogues in turn; Session 5 (the test split) a quarter as many.
+    counts = {session: len(range(i, dialogues, 4)) for i, session in enumerate(IEMOCAP_SESSIONS[:4])}
+    counts[IEMOCAP_TEST_SESSION] = max(2, dialogues // 4)
+    grey = np.full((round(SYNTH_TURN_GAP * SYNTH_FPS), SYNTH_HEIGHT, SYNTH_WIDTH, 3), 128, np.uint8)
+    for number, (session, count) in enumerate(counts.items(), start=1):
         root = out / session
         # The release spells the video folder DivX in some sessions and Divx in others.
         avi_dir = root / "dialog" / "avi" / ("DivX" if number % 2 else "Divx")
-        for dialog in dialogs:
+        for dialog in itertools.islice(synth_dialogue_names(session), count):
             transcript, evaluation = [], ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
-            timeline, cursor, turns = [], SYNTH_TURN_GAP, {"F": 0, "M": 0}
+            video, cursor, turns = [grey], SYNTH_TURN_GAP, {"F": 0, "M": 0}  # grey before, between, after turns
             for _ in range(rng.randint(3, 7)):
                 speaker, label = rng.choice("FM"), rng.randrange(len(classes))
                 emotion = (rng.choice(sorted(IEMOCAP_DROPPED)) if rng.random() < SYNTH_DROPPED_RATE
@@ -3002,12 +2996,9 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
                 wave_16k = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE,
                                                           SYNTH_WAV_RATE).numpy()
                 write_wav(root / "sentences" / "wav" / dialog / f"{turn}.wav", wave_16k, SYNTH_WAV_RATE)
-                timeline.append((round(start * SYNTH_FPS), frames))
+                video += [frames, grey]
                 cursor = end + SYNTH_TURN_GAP
-            video = np.full((round(cursor * SYNTH_FPS), SYNTH_HEIGHT, SYNTH_WIDTH, 3), 128, np.uint8)
-            for first, frames in timeline:
-                video[first:first + len(frames)] = frames
-            write_clip(avi_dir / f"{dialog}.avi", video, SYNTH_FPS)
+            write_clip(avi_dir / f"{dialog}.avi", np.concatenate(video), SYNTH_FPS)
             for folder, lines in (("transcriptions", transcript), ("EmoEvaluation", evaluation)):
                 (root / "dialog" / folder).mkdir(parents=True, exist_ok=True)
                 (root / "dialog" / folder / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
@@ -3015,9 +3006,8 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
 
 
 def synth_dialogue_names(session: str):
-    """Dialogue names of one synthetic session: Sessions 1-4 open with one of the official dev
-    dialogues (so that the dev split is never empty), then names in the release's pattern that are
-    none of them (Ses01F_impro01, Ses01M_impro01 ... Ses01M_script01, Ses01F_impro02, ...)."""
+    """A synthetic session's dialogue names: Sessions 1-4 open with an official dev dialogue (dev is never
+    empty), then the release's pattern minus those: Ses01F_impro01, Ses01M_impro01 ... Ses01F_impro02, ..."""
     prefix = f"Ses0{session[-1]}"
     yield from sorted(name for name in IEMOCAP_DEV_DIALOGUES if name.startswith(prefix))[:1]
     for k in itertools.count():
@@ -3030,9 +3020,7 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     """A mono 16-bit PCM wav from float samples in [-1, 1]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
+        f.setparams((1, 2, rate, 0, "NONE", "not compressed"))  # mono, 16-bit
         f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
@@ -3067,9 +3055,8 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
         "video": TimesformerModel(TimesformerConfig(image_size=image_size, patch_size=image_size // 4,
                                                     num_frames=num_frames, **small)),
     }
-    paths = {}
+    paths = {kind: str(out / kind) for kind in encoders}
     for kind, encoder in encoders.items():
-        paths[kind] = str(out / kind)
         encoder.save_pretrained(paths[kind])
     tokenizer.save_pretrained(paths["text"])
     mean, std = TIMESFORMER_IMAGE_STATS
@@ -3081,8 +3068,7 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
 DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_tokens=48,
             image_size=32, feature_dim=48, max_audio_samples=48000)
 DEMO_DIALOGUES = 48  # synthetic training dialogues (a quarter as many each in dev and test)
-# The demo's torch threads: its tiny models gain little from a second thread (README: threads).
-DEMO_THREADS = 1
+DEMO_THREADS = 1  # the demo's torch threads: its tiny models gain little from a second one (README: threads)
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) -> dict:
