@@ -3374,21 +3374,18 @@ def parse_numbers(kind):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
-    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep
-    the preset's value."""
+    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep the preset's."""
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
+        if f.type == "bool":  # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=docs[f.name])
             continue
-        kind = {"int": int, "float": float, "str": str}.get(f.type)
-        if f.type == "tuple":
-            kind = parse_numbers(int if f.name == "epochs" else float)
+        kind = {"int": int, "float": float, "str": str,
+                "tuple": parse_numbers(int if f.name == "epochs" else float)}[f.type]
         default = f.default
         if f.name in PRESETS["meld"]:  # the dataset's preset
             default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
@@ -3417,10 +3414,8 @@ def resume_config(args: argparse.Namespace) -> Config:
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
         raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
-    requested = make_config(given.get("dataset", saved.dataset),
-                            **{k: v for k, v in given.items() if k != "dataset"})
-    changed = sorted(k for k in given if k not in RESUME_OVERRIDES
-                     and getattr(requested, k) != getattr(saved, k))
+    requested = make_config(given.get("dataset", saved.dataset), **{k: v for k, v in given.items() if k != "dataset"})
+    changed = sorted(k for k in given if k not in RESUME_OVERRIDES and getattr(requested, k) != getattr(saved, k))
     if changed:
         raise SystemExit(f"telme: --resume continues {args.resume} with its own config.json; "
                          f"--{changed[0].replace('_', '-')} cannot be changed")
@@ -3437,97 +3432,86 @@ def stats(cfg: Config) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telme.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="decode every clip once into the media cache")
-    add_config_flags(prepare)
+    datasets = dict(choices=sorted(PRESETS), default="meld")
+    # Each command's flags in --help order; `add` is the add_argument of the command named last.
+    add_config_flags(commands.add_parser("prepare", help="decode every clip once into the media cache"))
     train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
     add_config_flags(train_cmd)
-    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all",
-                           help="teacher (text), students (audio, then visual; needs the teacher), "
-                                "fusion (needs all three), or all in turn [default: all]")
-    train_cmd.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
-                           "completed epoch, with the configuration in RUN/config.json")
-    train_cmd.add_argument("--overwrite", action="store_true",
-                           help="train phases that --out already holds anew; their old weights, and "
-                                "those of the phases trained on them, go once new weights exist")
-    eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
-    eval_cmd.add_argument("--run", required=True, help="a trained run directory")
-    eval_cmd.add_argument("--out", help="folder for metrics.json, report.md, confusion.png and "
-                          "predictions.csv [default: the run itself; needed for data other than the run's]")
-    eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
-                          help="split whose per-class table is printed")
-    eval_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
+    add = train_cmd.add_argument
+    add("--phase", choices=["teacher", "students", "fusion", "all"], default="all", help="teacher (text), students "
+        "(audio, then visual; needs the teacher), fusion (needs all three), or all in turn [default: all]")
+    add("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch, with the "
+        "configuration in RUN/config.json")
+    add("--overwrite", action="store_true", help="train phases that --out already holds anew; their old weights, "
+        "and those of the phases trained on them, go once new weights exist")
+    add = commands.add_parser("eval", help="recompute metrics.json of a run and print reports").add_argument
+    add("--run", required=True, help="a trained run directory")
+    add("--out", help="folder for metrics.json, report.md, confusion.png and predictions.csv [default: the run "
+        "itself; needed for data other than the run's]")
+    add("--split", choices=["dev", "test"], default="test", help="split whose per-class table is printed")
+    add("--quiet", action="store_true", help="no progress bars or lines")
     for flag, what in (("--data-dir", "the dataset"), ("--cache-dir", "the media cache"),
                        ("--device", "the device to run on")):
-        eval_cmd.add_argument(flag, help=f"{what}, where not as in the run's config.json")
-    predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
-                                      "text and dialogue history")
-    predict_cmd.add_argument("--run", required=True, help="a trained run directory")
-    predict_cmd.add_argument("--text", help="what is said in the utterance (this or --csv)")
-    predict_cmd.add_argument("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, "
-                             "Dialogue_ID, Utterance_ID; Emotion optional), each predicted with its "
-                             "dialogue's earlier rows as history, into --out")
-    predict_cmd.add_argument("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 "
-                             "[default: the CSV's folder]")
-    predict_cmd.add_argument("--out", help="with --csv: the predictions file to write (eval's "
-                             "predictions.csv columns)")
-    predict_cmd.add_argument("--cache-dir", help="with --csv: the media cache [default: the run's]")
-    predict_cmd.add_argument("--missing-as-zeros", action="store_true",
-                             help="a named file that cannot be decoded goes in as zeros (as in training) "
-                                  "instead of stopping with an error")
-    predict_cmd.add_argument("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
-    predict_cmd.add_argument("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
-    predict_cmd.add_argument("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
-    predict_cmd.add_argument("--speaker", default=NEW_SPEAKER,
-                             help="who says it; a name from the history reuses that speaker's token "
-                                  "[default: someone new]")
-    predict_cmd.add_argument("--all-phases", action="store_true",
-                             help="also the teacher's and each student's probabilities")
-    predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    predict_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
-    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld", help="[default: meld]")
-    stats_cmd.add_argument("--data-dir", required=True, help="the dataset as released")
-    synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
-    synth_cmd.add_argument("--out", required=True, help="folder for the dataset")
-    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
-                           help="whose released layout [default: meld]")
-    synth_cmd.add_argument("--dialogues", type=int, default=40,
-                           help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
-                                "dialogues (Session 5: a quarter)")
-    synth_cmd.add_argument("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
-    summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
-    summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
-    summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
-    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a "
-                                     "run directory for eval (compat official unless --compat none)")
+        add(flag, help=f"{what}, where not as in the run's config.json")
+    add = commands.add_parser("predict", help="the emotion of one new utterance from its clip, text and dialogue "
+                              "history").add_argument
+    add("--run", required=True, help="a trained run directory")
+    add("--text", help="what is said in the utterance (this or --csv)")
+    add("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, Dialogue_ID, Utterance_ID; "
+        "Emotion optional), each predicted with its dialogue's earlier rows as history, into --out")
+    add("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 [default: the CSV's folder]")
+    add("--out", help="with --csv: the predictions file to write (eval's predictions.csv columns)")
+    add("--cache-dir", help="with --csv: the media cache [default: the run's]")
+    add("--missing-as-zeros", action="store_true", help="a named file that cannot be decoded goes in as zeros (as "
+        "in training) instead of stopping with an error")
+    add("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
+    add("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
+    add("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
+    add("--speaker", default=NEW_SPEAKER, help="who says it; a name from the history reuses that speaker's token "
+        "[default: someone new]")
+    add("--all-phases", action="store_true", help="also the teacher's and each student's probabilities")
+    add("--json", action="store_true", help="print JSON instead of a table")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON").add_argument
+    add("--dataset", **datasets, help="[default: meld]")
+    add("--data-dir", required=True, help="the dataset as released")
+    add = commands.add_parser("synth", help="write a synthetic dataset in the released layout").add_argument
+    add("--out", required=True, help="folder for the dataset")
+    add("--dataset", **datasets, help="whose released layout [default: meld]")
+    add("--dialogues", type=int, default=40, help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session "
+        "1-4 dialogues (Session 5: a quarter)")
+    add("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
+    add = commands.add_parser("summarize", help="mean ± std over runs of several seeds").add_argument
+    add("runs", nargs="+", help="run directories, one per seed")
+    add("--out", required=True, help="folder for summary.json")
+    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a run "
+                                     "directory for eval (compat official unless --compat none)")
     add_config_flags(import_cmd)
-    import_cmd.add_argument("--dir", required=True, help="the official save_model/ folder")
-    import_cmd.add_argument("--fusion-file", default=OFFICIAL_FILES["fusion"],
-                            help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
-    demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
-    demo_cmd.add_argument("--out", default="runs/demo", help="the run directory; the demo's data, "
-                          "models and media cache go in OUT/inputs [default: runs/demo]")
-    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
-                          help="the layout of the synthetic data [default: meld]")
-    demo_cmd.add_argument("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
-    demo_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
+    add = import_cmd.add_argument
+    add("--dir", required=True, help="the official save_model/ folder")
+    add("--fusion-file", default=OFFICIAL_FILES["fusion"],
+        help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
+    add = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline").add_argument
+    add("--out", default="runs/demo", help="the run directory; the demo's data, models and media cache go in "
+        "OUT/inputs [default: runs/demo]")
+    add("--dataset", **datasets, help="the layout of the synthetic data [default: meld]")
+    add("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
+    add("--quiet", action="store_true", help="no progress bars or lines")
     bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
-    bench_cmd.add_argument("--out", default="",
-                           help="folder for the clips and caches [default: a temporary one]")
-    bench_cmd.add_argument("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
-    bench_cmd.add_argument("--steps", type=int, default=0,
-                           help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
-                                f"{BENCH_STEPS['cuda'][1]} on CUDA]")
-    bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
-    bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
-                           help=f"the phases (b) times [default: {','.join(PHASES)}]")
+    add = bench_cmd.add_argument
+    add("--out", default="", help="folder for the clips and caches [default: a temporary one]")
+    add("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
+    add("--steps", type=int, default=0, help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
+        f"{BENCH_STEPS['cuda'][1]} on CUDA]")
+    add("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
+    add("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
+        help=f"the phases (b) times [default: {','.join(PHASES)}]")
     add_config_flags(bench_cmd, ("device", "amp", "compile", "compile_mode", "text_bucket", "audio_buckets",
                                  "workers", "loader_workers", "batch_size", "eval_batch_size"))
     for name, command in commands.choices.items():
-        default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
-        command.add_argument("--threads", type=int, default=None,
-                             help=f"torch CPU threads [default: {default}]; on a CPU shared with other "
-                                  "jobs, 1 keeps threads from spinning while they wait for a core (README)")
+        default = DEMO_THREADS if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
+        command.add_argument("--threads", type=int, help=f"torch CPU threads [default: {default}]; on a CPU shared "
+                             "with other jobs, 1 keeps threads from spinning while they wait for a core (README)")
     return parser
 
 
@@ -3539,8 +3523,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
     """`--lr -1e-3` as `--lr=-1e-3`, so that a negative value reaches the range check (make_config)."""
     joined = []
     for token in argv:
-        if (NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--")
-                and "=" not in joined[-1]):
+        if NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--") and "=" not in joined[-1]:
             joined[-1] += "=" + token
         else:
             joined.append(token)
@@ -3606,7 +3589,8 @@ def main(argv=None) -> None:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
         overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None, **overrides)
+        results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None,
+                           **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":
