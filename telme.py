@@ -3028,13 +3028,13 @@ def word_level_tokenizer(corpus: list[str]):
     """A BERT-style word-level tokenizer trained offline on `corpus` (for tiny models)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    specials = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(corpus + ["Now feels"], trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    trainer = trainers.WordLevelTrainer(special_tokens=list(specials.values()))
+    tokenizer.train_from_iterator(corpus + ["Now feels"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
 
 
 def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int,
@@ -3395,9 +3395,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and k != "dataset"}
-    return make_config(getattr(args, "dataset", "meld"), **overrides)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return make_config(given.pop("dataset", "meld"), **given)
 
 
 # What `train --resume` may change: where things are and how they run. The compile flags change which
@@ -3409,8 +3408,7 @@ RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "worker
 def resume_config(args: argparse.Namespace) -> Config:
     """The interrupted run's own configuration. Flags may repeat its values (run.sh repeats its whole
     command); only RESUME_OVERRIDES may change them."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
         raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
@@ -3573,7 +3571,7 @@ def main(argv=None) -> None:
         csv_path = Path(args.csv)
         if not csv_path.is_file():
             raise SystemExit(f"telme: {csv_path} not found")
-        predict_csv(Path(args.run), csv_path, Path(args.clips) if args.clips else csv_path.parent,
+        predict_csv(Path(args.run), csv_path, Path(args.clips or csv_path.parent),
                     Path(args.out), args.device, args.cache_dir or "", args.missing_as_zeros)
     elif args.command == "predict":
         if args.text is None:
