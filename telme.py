@@ -2967,9 +2967,8 @@ def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) 
 
 
 def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
-    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in
-    the release's line formats, one 16 kHz wav per turn and one avi holding every turn of both
-    speakers, separated by grey. Some turns carry labels outside the six classes (xxx, oth, ...)."""
+    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in the release's
+    line formats, a 16 kHz wav per turn, one avi of all turns with grey between; some turns labelled xxx, oth, ..."""
     classes = EMOTIONS["iemocap"]
     # Sessions 1-4 take the dialogues in turn; Session 5 (the test split) a quarter as many.
     counts = {session: len(range(i, dialogues, 4)) for i, session in enumerate(IEMOCAP_SESSIONS[:4])}
