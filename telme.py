@@ -2777,43 +2777,36 @@ def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) 
     if dataset == "iemocap":
         return synth_iemocap(out, dialogues, rng)
     classes = EMOTIONS["meld"]
-    sizes = {"train": dialogues, "dev": max(2, dialogues // 4), "test": max(2, dialogues // 4)}
-    for split, count in sizes.items():
-        csv_name, clip_dir = MELD_SPLITS[split]
+    for split, (csv_name, clip_dir) in MELD_SPLITS.items():
         rows = []
-        for d in range(count):
+        for d in range(dialogues if split == "train" else max(2, dialogues // 4)):
             cast = rng.sample(SYNTH_SPEAKERS, rng.randint(2, 3))
             for u in range(rng.randint(3, 7)):
                 label = rng.randrange(len(classes))
                 text, frames, audio = synth_utterance(label, len(classes), rng)
                 write_clip(out / clip_dir / f"dia{d}_utt{u}.mp4", frames, SYNTH_FPS, audio)
-                end = f"00:00:{u * 3 + 2:02d},500"
-                rows.append([len(rows) + 1, text, rng.choice(cast), classes[label],
-                             MELD_SENTIMENT[classes[label]], d, u, 1, 1, f"00:00:{u * 3:02d},000", end])
+                rows.append([len(rows) + 1, text, rng.choice(cast), classes[label], MELD_SENTIMENT[classes[label]],
+                             d, u, 1, 1, f"00:00:{u * 3:02d},000", f"00:00:{u * 3 + 2:02d},500"])
         with open(out / csv_name, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(MELD_COLUMNS)
-            writer.writerows(rows)
+            csv.writer(f).writerows([MELD_COLUMNS, *rows])
     return out
 
 
 def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
-    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in
-    the release's line formats, one 16 kHz wav per turn and one avi holding every turn of both
-    speakers, separated by grey. Some turns carry labels outside the six classes (xxx, oth, ...)."""
+    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in the release's
+    line formats, a 16 kHz wav per turn, one avi of all turns with grey between; some turns labelled xxx, oth, ..."""
     classes = EMOTIONS["iemocap"]
-    counts = {session: 0 for session in IEMOCAP_SESSIONS}
-    for index in range(dialogues + max(2, dialogues // 4)):
-        counts[IEMOCAP_SESSIONS[index % 4] if index < dialogues else IEMOCAP_TEST_SESSION] += 1
-    names = {session: list(itertools.islice(synth_dialogue_names(session), count))
-             for session, count in counts.items()}
-    for number, (session, dialogs) in enumerate(names.items(), start=1):
+    # Sessions 1-4 take the dialogues in turn; Session 5 (the test split) a quarter as many.
+    counts = {session: len(range(i, dialogues, 4)) for i, session in enumerate(IEMOCAP_SESSIONS[:4])}
+    counts[IEMOCAP_TEST_SESSION] = max(2, dialogues // 4)
+    grey = np.full((round(SYNTH_TURN_GAP * SYNTH_FPS), SYNTH_HEIGHT, SYNTH_WIDTH, 3), 128, np.uint8)
+    for number, (session, count) in enumerate(counts.items(), start=1):
         root = out / session
         # The release spells the video folder DivX in some sessions and Divx in others.
         avi_dir = root / "dialog" / "avi" / ("DivX" if number % 2 else "Divx")
-        for dialog in dialogs:
+        for dialog in itertools.islice(synth_dialogue_names(session), count):
             transcript, evaluation = [], ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
-            timeline, cursor, turns = [], SYNTH_TURN_GAP, {"F": 0, "M": 0}
+            video, cursor, turns = [grey], SYNTH_TURN_GAP, {"F": 0, "M": 0}  # grey before, between, after turns
             for _ in range(rng.randint(3, 7)):
                 speaker, label = rng.choice("FM"), rng.randrange(len(classes))
                 emotion = (rng.choice(sorted(IEMOCAP_DROPPED)) if rng.random() < SYNTH_DROPPED_RATE
@@ -2828,12 +2821,9 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
                 wave_16k = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE,
                                                           SYNTH_WAV_RATE).numpy()
                 write_wav(root / "sentences" / "wav" / dialog / f"{turn}.wav", wave_16k, SYNTH_WAV_RATE)
-                timeline.append((round(start * SYNTH_FPS), frames))
+                video += [frames, grey]
                 cursor = end + SYNTH_TURN_GAP
-            video = np.full((round(cursor * SYNTH_FPS), SYNTH_HEIGHT, SYNTH_WIDTH, 3), 128, np.uint8)
-            for first, frames in timeline:
-                video[first:first + len(frames)] = frames
-            write_clip(avi_dir / f"{dialog}.avi", video, SYNTH_FPS)
+            write_clip(avi_dir / f"{dialog}.avi", np.concatenate(video), SYNTH_FPS)
             for folder, lines in (("transcriptions", transcript), ("EmoEvaluation", evaluation)):
                 (root / "dialog" / folder).mkdir(parents=True, exist_ok=True)
                 (root / "dialog" / folder / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
@@ -2841,9 +2831,8 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
 
 
 def synth_dialogue_names(session: str):
-    """Dialogue names of one synthetic session: Sessions 1-4 open with one of the official dev
-    dialogues (so that the dev split is never empty), then names in the release's pattern that are
-    none of them (Ses01F_impro01, Ses01M_impro01 ... Ses01M_script01, Ses01F_impro02, ...)."""
+    """A synthetic session's dialogue names: Sessions 1-4 open with an official dev dialogue (dev is never
+    empty), then the release's pattern minus those: Ses01F_impro01, Ses01M_impro01 ... Ses01F_impro02, ..."""
     prefix = f"Ses0{session[-1]}"
     yield from sorted(name for name in IEMOCAP_DEV_DIALOGUES if name.startswith(prefix))[:1]
     for k in itertools.count():
@@ -2856,9 +2845,7 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     """A mono 16-bit PCM wav from float samples in [-1, 1]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
+        f.setparams((1, 2, rate, 0, "NONE", "not compressed"))  # mono, 16-bit
         f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
@@ -2866,13 +2853,13 @@ def word_level_tokenizer(corpus: list[str]):
     """A BERT-style word-level tokenizer trained offline on `corpus` (for tiny models)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    specials = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(corpus + ["Now feels"], trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    trainer = trainers.WordLevelTrainer(special_tokens=list(specials.values()))
+    tokenizer.train_from_iterator(corpus + ["Now feels"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
 
 
 def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int,
@@ -2893,9 +2880,8 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
         "video": TimesformerModel(TimesformerConfig(image_size=image_size, patch_size=image_size // 4,
                                                     num_frames=num_frames, **small)),
     }
-    paths = {}
+    paths = {kind: str(out / kind) for kind in encoders}
     for kind, encoder in encoders.items():
-        paths[kind] = str(out / kind)
         encoder.save_pretrained(paths[kind])
     tokenizer.save_pretrained(paths["text"])
     mean, std = TIMESFORMER_IMAGE_STATS
@@ -2907,8 +2893,7 @@ def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, n
 DEMO = dict(epochs=(15, 6, 12), lr=(1e-3, 1e-3, 1e-3), batch_size=8, max_text_tokens=48,
             image_size=32, feature_dim=48, max_audio_samples=48000)
 DEMO_DIALOGUES = 48  # synthetic training dialogues (a quarter as many each in dev and test)
-# The demo's torch threads: its tiny models gain little from a second thread (README: threads).
-DEMO_THREADS = 1
+DEMO_THREADS = 1  # the demo's torch threads: its tiny models gain little from a second one (README: threads)
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) -> dict:
@@ -3154,21 +3139,18 @@ def parse_numbers(kind):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
-    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep
-    the preset's value."""
+    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep the preset's."""
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
+        if f.type == "bool":  # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=docs[f.name])
             continue
-        kind = {"int": int, "float": float, "str": str}.get(f.type)
-        if f.type == "tuple":
-            kind = parse_numbers(int if f.name == "epochs" else float)
+        kind = {"int": int, "float": float, "str": str,
+                "tuple": parse_numbers(int if f.name == "epochs" else float)}[f.type]
         default = f.default
         if f.name in PRESETS["meld"]:  # the dataset's preset
             default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
@@ -3178,9 +3160,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and k != "dataset"}
-    return make_config(getattr(args, "dataset", "meld"), **overrides)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return make_config(given.pop("dataset", "meld"), **given)
 
 
 # What `train --resume` may change: where things are and how they run. The compile flags change which
@@ -3192,15 +3173,12 @@ RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "worker
 def resume_config(args: argparse.Namespace) -> Config:
     """The interrupted run's own configuration. Flags may repeat its values (run.sh repeats its whole
     command); only RESUME_OVERRIDES may change them."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
         raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
-    requested = make_config(given.get("dataset", saved.dataset),
-                            **{k: v for k, v in given.items() if k != "dataset"})
-    changed = sorted(k for k in given if k not in RESUME_OVERRIDES
-                     and getattr(requested, k) != getattr(saved, k))
+    requested = make_config(given.get("dataset", saved.dataset), **{k: v for k, v in given.items() if k != "dataset"})
+    changed = sorted(k for k in given if k not in RESUME_OVERRIDES and getattr(requested, k) != getattr(saved, k))
     if changed:
         raise SystemExit(f"telme: --resume continues {args.resume} with its own config.json; "
                          f"--{changed[0].replace('_', '-')} cannot be changed")
@@ -3217,97 +3195,86 @@ def stats(cfg: Config) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telme.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="decode every clip once into the media cache")
-    add_config_flags(prepare)
+    datasets = dict(choices=sorted(PRESETS), default="meld")
+    # Each command's flags in --help order; `add` is the add_argument of the command named last.
+    add_config_flags(commands.add_parser("prepare", help="decode every clip once into the media cache"))
     train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
     add_config_flags(train_cmd)
-    train_cmd.add_argument("--phase", choices=["teacher", "students", "fusion", "all"], default="all",
-                           help="teacher (text), students (audio, then visual; needs the teacher), "
-                                "fusion (needs all three), or all in turn [default: all]")
-    train_cmd.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
-                           "completed epoch, with the configuration in RUN/config.json")
-    train_cmd.add_argument("--overwrite", action="store_true",
-                           help="train phases that --out already holds anew; their old weights, and "
-                                "those of the phases trained on them, go once new weights exist")
-    eval_cmd = commands.add_parser("eval", help="recompute metrics.json of a run and print reports")
-    eval_cmd.add_argument("--run", required=True, help="a trained run directory")
-    eval_cmd.add_argument("--out", help="folder for metrics.json, report.md, confusion.png and "
-                          "predictions.csv [default: the run itself; needed for data other than the run's]")
-    eval_cmd.add_argument("--split", choices=["dev", "test"], default="test",
-                          help="split whose per-class table is printed")
-    eval_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
+    add = train_cmd.add_argument
+    add("--phase", choices=["teacher", "students", "fusion", "all"], default="all", help="teacher (text), students "
+        "(audio, then visual; needs the teacher), fusion (needs all three), or all in turn [default: all]")
+    add("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch, with the "
+        "configuration in RUN/config.json")
+    add("--overwrite", action="store_true", help="train phases that --out already holds anew; their old weights, "
+        "and those of the phases trained on them, go once new weights exist")
+    add = commands.add_parser("eval", help="recompute metrics.json of a run and print reports").add_argument
+    add("--run", required=True, help="a trained run directory")
+    add("--out", help="folder for metrics.json, report.md, confusion.png and predictions.csv [default: the run "
+        "itself; needed for data other than the run's]")
+    add("--split", choices=["dev", "test"], default="test", help="split whose per-class table is printed")
+    add("--quiet", action="store_true", help="no progress bars or lines")
     for flag, what in (("--data-dir", "the dataset"), ("--cache-dir", "the media cache"),
                        ("--device", "the device to run on")):
-        eval_cmd.add_argument(flag, help=f"{what}, where not as in the run's config.json")
-    predict_cmd = commands.add_parser("predict", help="the emotion of one new utterance from its clip, "
-                                      "text and dialogue history")
-    predict_cmd.add_argument("--run", required=True, help="a trained run directory")
-    predict_cmd.add_argument("--text", help="what is said in the utterance (this or --csv)")
-    predict_cmd.add_argument("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, "
-                             "Dialogue_ID, Utterance_ID; Emotion optional), each predicted with its "
-                             "dialogue's earlier rows as history, into --out")
-    predict_cmd.add_argument("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 "
-                             "[default: the CSV's folder]")
-    predict_cmd.add_argument("--out", help="with --csv: the predictions file to write (eval's "
-                             "predictions.csv columns)")
-    predict_cmd.add_argument("--cache-dir", help="with --csv: the media cache [default: the run's]")
-    predict_cmd.add_argument("--missing-as-zeros", action="store_true",
-                             help="a named file that cannot be decoded goes in as zeros (as in training) "
-                                  "instead of stopping with an error")
-    predict_cmd.add_argument("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
-    predict_cmd.add_argument("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
-    predict_cmd.add_argument("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
-    predict_cmd.add_argument("--speaker", default=NEW_SPEAKER,
-                             help="who says it; a name from the history reuses that speaker's token "
-                                  "[default: someone new]")
-    predict_cmd.add_argument("--all-phases", action="store_true",
-                             help="also the teacher's and each student's probabilities")
-    predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    predict_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    stats_cmd = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON")
-    stats_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld", help="[default: meld]")
-    stats_cmd.add_argument("--data-dir", required=True, help="the dataset as released")
-    synth_cmd = commands.add_parser("synth", help="write a synthetic dataset in the released layout")
-    synth_cmd.add_argument("--out", required=True, help="folder for the dataset")
-    synth_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
-                           help="whose released layout [default: meld]")
-    synth_cmd.add_argument("--dialogues", type=int, default=40,
-                           help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session 1-4 "
-                                "dialogues (Session 5: a quarter)")
-    synth_cmd.add_argument("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
-    summarize_cmd = commands.add_parser("summarize", help="mean ± std over runs of several seeds")
-    summarize_cmd.add_argument("runs", nargs="+", help="run directories, one per seed")
-    summarize_cmd.add_argument("--out", required=True, help="folder for summary.json")
-    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a "
-                                     "run directory for eval (compat official unless --compat none)")
+        add(flag, help=f"{what}, where not as in the run's config.json")
+    add = commands.add_parser("predict", help="the emotion of one new utterance from its clip, text and dialogue "
+                              "history").add_argument
+    add("--run", required=True, help="a trained run directory")
+    add("--text", help="what is said in the utterance (this or --csv)")
+    add("--csv", help="many utterances: a CSV in MELD's layout (Utterance, Speaker, Dialogue_ID, Utterance_ID; "
+        "Emotion optional), each predicted with its dialogue's earlier rows as history, into --out")
+    add("--clips", help="with --csv: the folder of its clips dia<D>_utt<U>.mp4 [default: the CSV's folder]")
+    add("--out", help="with --csv: the predictions file to write (eval's predictions.csv columns)")
+    add("--cache-dir", help="with --csv: the media cache [default: the run's]")
+    add("--missing-as-zeros", action="store_true", help="a named file that cannot be decoded goes in as zeros (as "
+        "in training) instead of stopping with an error")
+    add("--video", help="the utterance's clip (mp4, avi, ...); without it, no visual input")
+    add("--audio", help="a separate recording (wav, ...); default: the clip's own sound")
+    add("--history", help="the dialogue so far: a file of 'Speaker: utterance' lines")
+    add("--speaker", default=NEW_SPEAKER, help="who says it; a name from the history reuses that speaker's token "
+        "[default: someone new]")
+    add("--all-phases", action="store_true", help="also the teacher's and each student's probabilities")
+    add("--json", action="store_true", help="print JSON instead of a table")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add = commands.add_parser("stats", help="dialogue, utterance and class counts as JSON").add_argument
+    add("--dataset", **datasets, help="[default: meld]")
+    add("--data-dir", required=True, help="the dataset as released")
+    add = commands.add_parser("synth", help="write a synthetic dataset in the released layout").add_argument
+    add("--out", required=True, help="folder for the dataset")
+    add("--dataset", **datasets, help="whose released layout [default: meld]")
+    add("--dialogues", type=int, default=40, help="MELD: train dialogues (dev, test: a quarter); IEMOCAP: Session "
+        "1-4 dialogues (Session 5: a quarter)")
+    add("--seed", type=int, default=0, help="seed of the texts and media [default: 0]")
+    add = commands.add_parser("summarize", help="mean ± std over runs of several seeds").add_argument
+    add("runs", nargs="+", help="run directories, one per seed")
+    add("--out", required=True, help="folder for summary.json")
+    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a run "
+                                     "directory for eval (compat official unless --compat none)")
     add_config_flags(import_cmd)
-    import_cmd.add_argument("--dir", required=True, help="the official save_model/ folder")
-    import_cmd.add_argument("--fusion-file", default=OFFICIAL_FILES["fusion"],
-                            help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
-    demo_cmd = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline")
-    demo_cmd.add_argument("--out", default="runs/demo", help="the run directory; the demo's data, "
-                          "models and media cache go in OUT/inputs [default: runs/demo]")
-    demo_cmd.add_argument("--dataset", choices=sorted(PRESETS), default="meld",
-                          help="the layout of the synthetic data [default: meld]")
-    demo_cmd.add_argument("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
-    demo_cmd.add_argument("--quiet", action="store_true", help="no progress bars or lines")
+    add = import_cmd.add_argument
+    add("--dir", required=True, help="the official save_model/ folder")
+    add("--fusion-file", default=OFFICIAL_FILES["fusion"],
+        help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
+    add = commands.add_parser("demo", help="synth + tiny models + all phases + eval, offline").add_argument
+    add("--out", default="runs/demo", help="the run directory; the demo's data, models and media cache go in "
+        "OUT/inputs [default: runs/demo]")
+    add("--dataset", **datasets, help="the layout of the synthetic data [default: meld]")
+    add("--seed", type=int, default=42, help="seed of data, models and training [default: 42]")
+    add("--quiet", action="store_true", help="no progress bars or lines")
     bench_cmd = commands.add_parser("bench", help="print decoding, cache and training-speed figures")
-    bench_cmd.add_argument("--out", default="",
-                           help="folder for the clips and caches [default: a temporary one]")
-    bench_cmd.add_argument("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
-    bench_cmd.add_argument("--steps", type=int, default=0,
-                           help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
-                                f"{BENCH_STEPS['cuda'][1]} on CUDA]")
-    bench_cmd.add_argument("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
-    bench_cmd.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
-                           help=f"the phases (b) times [default: {','.join(PHASES)}]")
+    add = bench_cmd.add_argument
+    add("--out", default="", help="folder for the clips and caches [default: a temporary one]")
+    add("--clips", type=int, default=8, help="synthetic MELD-format clips to decode")
+    add("--steps", type=int, default=0, help=f"timed steps per phase [default: {BENCH_STEPS['cpu'][1]} on a CPU, "
+        f"{BENCH_STEPS['cuda'][1]} on CUDA]")
+    add("--parts", default="abc", help="a: decoding, b: training steps, c: fusion epoch")
+    add("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
+        help=f"the phases (b) times [default: {','.join(PHASES)}]")
     add_config_flags(bench_cmd, ("device", "amp", "compile", "compile_mode", "text_bucket", "audio_buckets",
                                  "workers", "loader_workers", "batch_size", "eval_batch_size"))
     for name, command in commands.choices.items():
-        default = "1" if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
-        command.add_argument("--threads", type=int, default=None,
-                             help=f"torch CPU threads [default: {default}]; on a CPU shared with other "
-                                  "jobs, 1 keeps threads from spinning while they wait for a core (README)")
+        default = DEMO_THREADS if name == "demo" else "$OMP_NUM_THREADS if set, else the cores this process may use"
+        command.add_argument("--threads", type=int, help=f"torch CPU threads [default: {default}]; on a CPU shared "
+                             "with other jobs, 1 keeps threads from spinning while they wait for a core (README)")
     return parser
 
 
@@ -3319,8 +3286,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
     """`--lr -1e-3` as `--lr=-1e-3`, so that a negative value reaches the range check (make_config)."""
     joined = []
     for token in argv:
-        if (NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--")
-                and "=" not in joined[-1]):
+        if NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--") and "=" not in joined[-1]:
             joined[-1] += "=" + token
         else:
             joined.append(token)
@@ -3370,7 +3336,7 @@ def main(argv=None) -> None:
         csv_path = Path(args.csv)
         if not csv_path.is_file():
             raise SystemExit(f"telme: {csv_path} not found")
-        predict_csv(Path(args.run), csv_path, Path(args.clips) if args.clips else csv_path.parent,
+        predict_csv(Path(args.run), csv_path, Path(args.clips or csv_path.parent),
                     Path(args.out), args.device, args.cache_dir or "", args.missing_as_zeros)
     elif args.command == "predict":
         if args.text is None:
@@ -3386,7 +3352,8 @@ def main(argv=None) -> None:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
         overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
-        results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None, **overrides)
+        results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None,
+                           **overrides)
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":
