@@ -2029,19 +2029,11 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     collate = make_collate(cfg, pad_id=tokenizer.pad_token_id)
     loaders = {split: make_loader(teacher_dataset(cfg, tokenizer, utts), cfg, rt, collate,
                                   shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
-    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt,
-               run)
+    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt, run)
 
 
 def teacher_loss(model, batch):
     return F.cross_entropy(text_forward(model, batch)[1].float(), batch["label"])
-
-
-def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance]):
-    """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
-    what a teacher run at every student step would give."""
-    train = frozen_outputs(cfg, rt, run, {"train": utterances}, encoders=("teacher",))["train"]
-    return train["f_teacher"], train["z_teacher"]
 
 
 def prepare_media(cfg: Config, splits: dict) -> MediaCache:
@@ -2052,12 +2044,12 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
     counts = media.prepare(everything, cfg.workers, cfg.quiet)
     faults = {"audio": 0, "video": 0}
     for u in everything:
-        reasons = media_faults(media, u)
+        errors = {kind: media.location(kind, u).with_suffix(".err") for kind in ("audio", "video")}
+        reasons = {kind: error.read_text() for kind, error in errors.items() if error.exists()}
         for kind in reasons:
             faults[kind] += 1
         if len(reasons) == 2 and u.audio == u.video and len(set(reasons.values())) == 1:
-            log(f"media fault: {u.video}: {reasons['video']} (audio and video replaced by zeros)")
-            continue
+            reasons = {"audio and video": reasons["video"]}  # one clip: one line
         for kind, reason in reasons.items():
             log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} replaced by zeros)")
     decoded = (f"; {counts['clips']} clips decoded in {counts['seconds']:.0f} s "
@@ -2071,19 +2063,11 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
     return media
 
 
-def media_faults(media: MediaCache, u: Utterance) -> dict[str, str]:
-    """{kind: reason} for each modality of `u` that could not be decoded."""
-    faults = {}
-    for kind in ("audio", "video"):
-        error = media.location(kind, u).with_suffix(".err")
-        if error.exists():
-            faults[kind] = error.read_text()
-    return faults
-
-
 def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
-    t_features, t_logits = (t.to(rt.device) for t in teacher_outputs(cfg, rt, run, splits["train"]))
+    # The frozen teacher's (F_T, z_T), computed once: in eval mode, what it would give at every step.
+    teacher = frozen_outputs(cfg, rt, run, {"train": splits["train"]}, encoders=("teacher",))["train"]
+    t_features, t_logits = teacher["f_teacher"].to(rt.device), teacher["z_teacher"].to(rt.device)
     # D14: the official code trains both students with one gradient scaler: the visual student's
     # first steps use the loss scale the audio student's last steps left.
     scaler = rt.grad_scaler("audio") if cfg.official_precision else None
@@ -2100,16 +2084,14 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         encoder = pretrained_encoder(name, cfg, kind)
         image_stats = image_statistics(name) if kind == "video" else None
         save_encoder_config(run, kind, encoder, image_stats)
-        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]),
-                                cfg.official_audio_pooling).to(rt.device)
+        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]), cfg.official_audio_pooling).to(rt.device)
         collate = make_collate(cfg, image_stats=image_stats)
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
                                       collate, shuffle=split == "train", seed=cfg.seed)
                    for split, utts in splits.items()}
         loss_fn = student_step_loss(host_time_masks(encoder, forward) if kind == "audio" else forward,
                                     t_features, t_logits, cfg)
-        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
-                             cfg, rt, run, scaler)
+        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1], cfg, rt, run, scaler)
     return results
 
 
