@@ -1682,10 +1682,8 @@ def video_forward(model, batch):
 
 @torch.no_grad()
 def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str, use: str = "eval"):
-    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU;
-    `use`: "eval", or "frozen" for outputs a training step reads (Runtime.autocast).
-
-    Under torchrun each process runs its shard and every process gets the whole, each item once."""
+    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU
+    (under torchrun, on every rank); `use`: "eval", or "frozen" for outputs a training step reads."""
     model.eval()
     indices, features, logits = [], [], []
     for batch in progress(loader, description, quiet):
@@ -1721,24 +1719,21 @@ def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
 
 
 def compiled_step(trained: nn.Module, optimizer, cfg: Config, device: torch.device) -> tuple:
-    """Under --compile, the module compiled in --compile-mode, and the update train_step calls; under
-    reduce-overhead the update is compiled too, with the learning rate a tensor on the device that
-    the schedule updates in place (a float would be a constant of the compiled code)."""
+    """Under --compile, the module compiled in --compile-mode and the update for train_step: under
+    reduce-overhead compiled too, the lr then a device tensor the schedule updates in place (not a constant)."""
     if not cfg.compile:
         return trained, clip_and_step
-    update = clip_and_step
-    if cfg.compile_mode == "reduce-overhead":
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        update = torch.compile(clip_and_step, mode=cfg.compile_mode)
-    return torch.compile(trained, mode=cfg.compile_mode), update
+    if cfg.compile_mode != "reduce-overhead":
+        return torch.compile(trained, mode=cfg.compile_mode), clip_and_step
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    return torch.compile(trained, mode=cfg.compile_mode), torch.compile(clip_and_step, mode=cfg.compile_mode)
 
 
 def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
                rt: Runtime, phase: str, update=clip_and_step) -> torch.Tensor:
-    """One optimiser step of `phase` on a batch already on the device; returns the loss, still on
-    the device (reading it would make the host wait for the GPU at every step). `update`: clipping
-    and the optimiser step, compiled or not (compiled_step)."""
+    """One optimiser step on a batch already on the device; returns the loss still on the device
+    (reading it would make the host wait for the GPU at every step). `update`: see compiled_step."""
     torch.compiler.cudagraph_mark_step_begin()  # a new training step: CUDA graphs' outputs may be reused
     with rt.autocast(phase):
         loss = loss_fn(model, batch)
@@ -1754,18 +1749,14 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
     a gradient scaler that carries on from an earlier phase (D14), else a fresh one."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr)
-    steps = len(loaders["train"])
     schedule = transformers.get_linear_schedule_with_warmup(
         optimizer, *schedule_lengths(cfg, loaders["train"], epochs))
     scaler = rt.grad_scaler(phase) if scaler is None else scaler
-    classes = EMOTIONS[cfg.dataset]
     best, done = {"dev_wf1": -1.0}, 0
-    checkpoint = checkpoint_path(run, phase)
+    checkpoint, weights = checkpoint_path(run, phase), weights_path(run, phase)
     if checkpoint.is_file():  # an interrupted run of this phase: continue after its last epoch
-        done, best = restore_checkpoint(checkpoint, model, optimizer, schedule, scaler,
-                                        loaders["train"].generator)
+        done, best = restore_checkpoint(checkpoint, model, optimizer, schedule, scaler, loaders["train"].generator)
         log(f"[{phase:7s}] resuming after epoch {done} from {checkpoint}")
-        weights = weights_path(run, phase)
         written = {"best_epoch": str(done), "dev_wf1": str(best["dev_wf1"])}
         if (is_main_process() and best["best_epoch"] == done and not (
                 weights.is_file() and written.items() <= safetensors_metadata(weights).items())):
@@ -1789,12 +1780,15 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         for split in ("dev", "test"):
             if split in loaders:
                 _, logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")
-                reports[split] = split_scores(logits, dataset_labels(loaders[split].dataset), classes)
+                reports[split] = split_scores(logits, dataset_labels(loaders[split].dataset), EMOTIONS[cfg.dataset])
         dev_wf1 = reports["dev"]["wf1"]  # every rank holds the same (gathered) reports
         improved = dev_wf1 > best["dev_wf1"]
         if improved:
             best = phase_metrics(reports, epoch)
-        loss = mean_over_ranks(total_loss).item() / steps
+        if rank_and_world()[1] > 1:  # the mean over the ranks
+            dist.all_reduce(total_loss)
+            total_loss /= rank_and_world()[1]
+        loss = total_loss.item() / len(loaders["train"])
         if not is_main_process():  # rank 0 alone writes weights, logs and checkpoints
             continue
         test_wf1 = f"{reports['test']['wf1']:6.2f}" if "test" in reports else "   n/a"
@@ -1806,8 +1800,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             f.write(line + "\n")
         # The checkpoint first: it holds this epoch's model, so that a run stopped before the best
         # weights are written below writes them when it resumes (see above).
-        save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler,
-                        loaders["train"].generator)
+        save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler, loaders["train"].generator)
         if improved:
             replace_weights(run, phase, model, best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
@@ -1821,27 +1814,18 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
 
 
 def data_parallel(model: nn.Module, rt: Runtime) -> nn.Module:
-    """The model wrapped in DistributedDataParallel under torchrun (gradients averaged over the
-    ranks in backward), else the model itself. Unused parameters are allowed: an encoder's pooler
-    and data2vec's mask embedding get no gradient on some steps."""
+    """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks), else
+    itself. Unused parameters allowed: an encoder's pooler, data2vec's mask embedding, on some steps."""
     if rank_and_world()[1] == 1:
         return model
     return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                    find_unused_parameters=True)
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= rank_and_world()[1]
-    return value
-
-
-def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance]) -> UtteranceDataset:
-    """Each utterance's dialogue prompt as token ids, with the speaker indexing cfg asks for."""
+def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance], **media) -> UtteranceDataset:
+    """Each utterance's dialogue prompt as token ids (speakers indexed as cfg asks); `media`: media, kinds."""
     return UtteranceDataset(utterances, text_ids=teacher_input_ids(
-        utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)))
+        utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)), **media)
 
 
 def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
@@ -1855,19 +1839,11 @@ def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     collate = make_collate(cfg, pad_id=tokenizer.pad_token_id)
     loaders = {split: make_loader(teacher_dataset(cfg, tokenizer, utts), cfg, rt, collate,
                                   shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
-    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt,
-               run)
+    return fit("teacher", teacher, loaders, text_forward, teacher_loss, cfg.epochs[0], cfg.lr[0], cfg, rt, run)
 
 
 def teacher_loss(model, batch):
     return F.cross_entropy(text_forward(model, batch)[1].float(), batch["label"])
-
-
-def teacher_outputs(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance]):
-    """The frozen teacher's (F_T, z_T) for each utterance, computed once: in eval mode they equal
-    what a teacher run at every student step would give."""
-    train = frozen_outputs(cfg, rt, run, {"train": utterances}, encoders=("teacher",))["train"]
-    return train["f_teacher"], train["z_teacher"]
 
 
 def prepare_media(cfg: Config, splits: dict) -> MediaCache:
@@ -1878,12 +1854,12 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
     counts = media.prepare(everything, cfg.workers, cfg.quiet)
     faults = {"audio": 0, "video": 0}
     for u in everything:
-        reasons = media_faults(media, u)
+        errors = {kind: media.location(kind, u).with_suffix(".err") for kind in ("audio", "video")}
+        reasons = {kind: error.read_text() for kind, error in errors.items() if error.exists()}
         for kind in reasons:
             faults[kind] += 1
         if len(reasons) == 2 and u.audio == u.video and len(set(reasons.values())) == 1:
-            log(f"media fault: {u.video}: {reasons['video']} (audio and video replaced by zeros)")
-            continue
+            reasons = {"audio and video": reasons["video"]}  # one clip: one line
         for kind, reason in reasons.items():
             log(f"media fault: {u.audio if kind == 'audio' else u.video}: {reason} ({kind} replaced by zeros)")
     decoded = (f"; {counts['clips']} clips decoded in {counts['seconds']:.0f} s "
@@ -1897,19 +1873,11 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
     return media
 
 
-def media_faults(media: MediaCache, u: Utterance) -> dict[str, str]:
-    """{kind: reason} for each modality of `u` that could not be decoded."""
-    faults = {}
-    for kind in ("audio", "video"):
-        error = media.location(kind, u).with_suffix(".err")
-        if error.exists():
-            faults[kind] = error.read_text()
-    return faults
-
-
 def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
     """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
-    t_features, t_logits = (t.to(rt.device) for t in teacher_outputs(cfg, rt, run, splits["train"]))
+    # The frozen teacher's (F_T, z_T), computed once: in eval mode, what it would give at every step.
+    teacher = frozen_outputs(cfg, rt, run, {"train": splits["train"]}, encoders=("teacher",))["train"]
+    t_features, t_logits = teacher["f_teacher"].to(rt.device), teacher["z_teacher"].to(rt.device)
     # D14: the official code trains both students with one gradient scaler: the visual student's
     # first steps use the loss scale the audio student's last steps left.
     scaler = rt.grad_scaler("audio") if cfg.official_precision else None
@@ -1926,16 +1894,13 @@ def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         encoder = pretrained_encoder(name, cfg, kind)
         image_stats = image_statistics(name) if kind == "video" else None
         save_encoder_config(run, kind, encoder, image_stats)
-        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]),
-                                cfg.official_audio_pooling).to(rt.device)
+        student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]), cfg.official_audio_pooling).to(rt.device)
         collate = make_collate(cfg, image_stats=image_stats)
-        loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt,
-                                      collate, shuffle=split == "train", seed=cfg.seed)
-                   for split, utts in splits.items()}
+        loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt, collate,
+                                      shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
         loss_fn = student_step_loss(host_time_masks(encoder, forward) if kind == "audio" else forward,
                                     t_features, t_logits, cfg)
-        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1],
-                             cfg, rt, run, scaler)
+        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1], cfg, rt, run, scaler)
     return results
 
 
@@ -1949,10 +1914,10 @@ def student_step_loss(forward, t_features: torch.Tensor, t_logits: torch.Tensor,
 
 
 class FeatureDataset(Dataset):
-    """Frozen F_T, F_A, F_V and the label of each utterance of one split."""
+    """Frozen F_T, F_A, F_V and the label of each utterance of one split (any logits z_* left out)."""
 
     def __init__(self, features: dict):
-        self.features = features
+        self.features = {k: v for k, v in features.items() if k.startswith("f_") or k == "label"}
 
     def __len__(self):
         return len(self.features["label"])
@@ -1969,21 +1934,19 @@ def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Med
         media = prepare_media(cfg, splits)
     teacher, tokenizer = load_teacher(run, cfg, rt)
     image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in encoders else None
+    collate = make_collate(cfg, tokenizer.pad_token_id, image_stats)
     outputs = {split: {"label": torch.tensor([u.label for u in utts])} for split, utts in splits.items()}
-    for phase, forward in (("teacher", text_forward), ("audio", audio_forward),
-                           ("visual", video_forward)):
+    for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
         if phase not in encoders:
             continue
         model = teacher if phase == "teacher" else load_student(run, STUDENT_MEDIA[phase], cfg, rt)
         for split, utts in splits.items():
             dataset = (teacher_dataset(cfg, tokenizer, utts) if phase == "teacher" else
                        UtteranceDataset(utts, media=media, kinds=(STUDENT_MEDIA[phase],)))
-            loader = make_loader(dataset, cfg, rt, make_collate(cfg, tokenizer.pad_token_id, image_stats),
-                                 shuffle=False)
+            loader = make_loader(dataset, cfg, rt, collate, shuffle=False)
             # D14: a training step reads the train split's outputs; dev and test are evaluation.
-            features, logits = run_model(model, loader, forward, rt, cfg.quiet, f"{phase} {split}",
-                                         "frozen" if split == "train" else "eval")
-            outputs[split][f"f_{phase}"], outputs[split][f"z_{phase}"] = features, logits
+            outputs[split][f"f_{phase}"], outputs[split][f"z_{phase}"] = run_model(
+                model, loader, forward, rt, cfg.quiet, f"{phase} {split}", "frozen" if split == "train" else "eval")
         del model
     return outputs
 
@@ -2003,14 +1966,12 @@ def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: Media
 
 
 def per_batch_features(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance], media: MediaCache):
-    """D15: the official fusion training runs the frozen encoders inside each shuffled batch. Under
-    D3 a clip's F_A depends on the clips it is batched with, so these features differ from those
-    computed once in fixed batches. Returns the dataset of prompts and media, its collate, and the
-    function giving a batch's F_T, F_A, F_V."""
+    """D15: the official fusion training runs the frozen encoders inside each shuffled batch (under D3
+    a clip's F_A depends on its batch mates). Returns the dataset of prompts and media, its collate,
+    and the function giving a batch's F_T, F_A, F_V."""
     teacher, tokenizer = load_teacher(run, cfg, rt)
     audio, visual = load_student(run, "audio", cfg, rt), load_student(run, "video", cfg, rt)
-    dataset = UtteranceDataset(utterances, text_ids=teacher_dataset(cfg, tokenizer, utterances).text_ids,
-                               media=media, kinds=("audio", "video"))
+    dataset = teacher_dataset(cfg, tokenizer, utterances, media=media, kinds=("audio", "video"))
     collate = make_collate(cfg, tokenizer.pad_token_id, image_statistics(str(encoder_dir(run, "video"))))
 
     @torch.no_grad()
@@ -2027,8 +1988,7 @@ def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int, 
     (D15): per_batch_features for the train split, which `outputs` then lacks."""
     transformers.set_seed(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
-    loaders = {split: make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None,
-                                  shuffle=split == "train", seed=cfg.seed)
+    loaders = {split: make_loader(FeatureDataset(out), cfg, rt, None, shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
     loss_fn = fusion_loss
     if recompute is not None:  # D15
@@ -2045,27 +2005,16 @@ def fusion_loss(model, batch):
     return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
 
 
-def fusion_inputs(outputs: dict) -> dict:
-    return {k: outputs[k] for k in ("f_teacher", "f_audio", "f_visual", "label")}
-
-
 # The phases each value of `train --phase` runs.
 PHASE_GROUPS = {"teacher": ("teacher",), "students": ("audio", "visual"), "fusion": ("fusion",),
                 "all": PHASES}
 
 
-# The encoder flag each phase loads a pretrained model from.
-PHASE_MODELS = {"teacher": "text_model", "audio": "audio_model", "visual": "video_model"}
-
-
 def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the phases named by `phase` (teacher, students, fusion or all) into cfg.out.
-
-    Every input (flags, data, models, device) is checked before anything is written. A phase
-    that the run already holds (its weights or checkpoint, or those of a later phase trained on
-    it) needs `resume` (complete phases are skipped, an interrupted one continues from its last
-    checkpoint) or `overwrite` (they train from scratch; the old weights go only once new ones
-    exist, replace_weights). The next phase of a run needs neither."""
+    """Run the phases of `phase` (teacher, students, fusion or all) into cfg.out, every input checked
+    before anything is written. Phases the run holds (weights or checkpoint, theirs or a later phase's)
+    need `resume` (complete ones skipped, an interrupted one continued from its last checkpoint) or
+    `overwrite` (trained anew; old weights go once new ones exist). The next phase needs neither."""
     run = Path(cfg.out)
     first = PHASES.index(PHASE_GROUPS[phase][0])
     # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
@@ -2090,11 +2039,10 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     for p in PHASE_GROUPS[phase]:
         if not (resume and phase_complete(run, p)) or any(p in DEPENDENT_PHASES[q] for q in todo):
             todo.append(p)
-    for p in todo:
-        if p in PHASE_MODELS:
-            check_model("--" + PHASE_MODELS[p].replace("_", "-"), getattr(cfg, PHASE_MODELS[p]))
-    # Media decoded once, before any phase trains, for the phases still to run that read it (the
-    # teacher reads none); under --strict a media fault stops the run here, before RUN changes.
+    for p, flag in (("teacher", "text_model"), ("audio", "audio_model"), ("visual", "video_model")):
+        if p in todo:  # the pretrained encoders the phases to train start from
+            check_model("--" + flag.replace("_", "-"), getattr(cfg, flag))
+    # Media decoded once, if a phase to train reads any; under --strict a fault stops here, before RUN changes.
     media = prepare_media(cfg, splits) if set(todo) - {"teacher"} else None
     # Every input checked: from here on the run directory changes.
     if is_main_process():
@@ -2108,22 +2056,14 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
         skipped = [p for p in PHASE_GROUPS[phase] if p not in todo]
         log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
     barrier()  # every rank sees the same checkpoints when deciding what to skip
-    todo = set(todo)
     if "teacher" in todo:
         transformers.set_seed(cfg.seed)
         train_teacher(cfg, rt, run, splits)
-    if todo & {"audio", "visual"}:
+    if "audio" in todo or "visual" in todo:
         train_students(cfg, rt, run, splits, media)
     if "fusion" in todo:
         train_fusion(cfg, rt, run, splits, media)
     return json.loads((run / "metrics.json").read_text())
-
-
-def library_versions() -> dict:
-    import sklearn
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torchaudio": torchaudio.__version__,
-            "av": av.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
 
 
 def git_commit() -> str | None:
@@ -2131,21 +2071,25 @@ def git_commit() -> str | None:
     without .git, $TELME_GIT_COMMIT (a build argument of the Dockerfile)."""
     if os.environ.get("TELME_GIT_COMMIT"):
         return os.environ["TELME_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if changes else "")
 
 
 def write_run_config(cfg: Config, rt: Runtime, run: Path) -> None:
+    import sklearn
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "torchaudio": torchaudio.__version__,
+                "av": av.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
     content = {"config": dataclasses.asdict(cfg), "classes": EMOTIONS[cfg.dataset],
-               "versions": library_versions(), "device": device, "git_commit": git_commit(),
+               "versions": versions, "device": device, "git_commit": git_commit(),
                "official_behaviours": compat_switches(cfg)}
     atomic_write(run / "config.json", lambda f: f.write(json.dumps(content, indent=2).encode()))
 
@@ -2154,8 +2098,7 @@ def read_run_config(run: Path) -> Config:
     path = run / "config.json"
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found; is {run} a run directory?")
-    saved = json.loads(path.read_text())["config"]
-    return make_config(**saved)
+    return make_config(**json.loads(path.read_text())["config"])
 
 
 # ==================================================================================================
@@ -2221,7 +2164,7 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
     if "fusion" in trained:
         fusion = load_fusion(run, cfg, rt)
         for s, out in outputs.items():
-            loader = make_loader(FeatureDataset(fusion_inputs(out)), cfg, rt, None, shuffle=False)
+            loader = make_loader(FeatureDataset(out), cfg, rt, None, shuffle=False)
             out["z_fusion"] = run_model(fusion, loader, fusion_forward, rt, cfg.quiet, s)[1]
     return outputs
 

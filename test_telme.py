@@ -1800,7 +1800,8 @@ def test_d14_official_precision_per_phase():
 
 def test_d14_one_gradient_scaler_for_both_students(tmp_path, tiny_models, monkeypatch):
     scalers = {}
-    monkeypatch.setattr(telme, "teacher_outputs", lambda *args: (torch.zeros(1, 48), torch.zeros(1, 7)))
+    monkeypatch.setattr(telme, "frozen_outputs", lambda *args, **kwargs: {
+        "train": {"f_teacher": torch.zeros(1, 48), "z_teacher": torch.zeros(1, 7)}})
     monkeypatch.setattr(telme, "fit", lambda phase, *args: scalers[switch].append(args[-1]) or {})
     u = telme.Utterance("0", "a", "t", 0, "clip.mp4", "clip.mp4")
     for switch in (False, True):
