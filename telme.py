@@ -1115,8 +1115,7 @@ class TextTeacher(nn.Module):
         self.classifier = nn.Linear(feature_dim, num_classes)
         # RoBERTa-family embeddings number positions from the first non-pad token; absolute ones (BERT family)
         # would count the left padding, so that an output depended on its batch mates: those are passed here.
-        embeddings = getattr(encoder, "embeddings", None)
-        self.explicit_positions = (not hasattr(embeddings, "padding_idx")
+        self.explicit_positions = (not hasattr(getattr(encoder, "embeddings", None), "padding_idx")
                                    and "position_ids" in inspect.signature(encoder.forward).parameters)
 
     def forward(self, input_ids, attention_mask):
@@ -1163,10 +1162,8 @@ class VisualStudent(nn.Module):
 
 def encoder_config(name: str, cfg: Config, kind: str):
     """The encoder's Hugging Face config, with the official audio masking span."""
-    config = AutoConfig.from_pretrained(name)
-    if kind == "audio":
-        config.mask_time_length = cfg.mask_time_length
-    return config
+    overrides = {"mask_time_length": cfg.mask_time_length} if kind == "audio" else {}
+    return AutoConfig.from_pretrained(name, **overrides)
 
 
 def pretrained_encoder(name: str, cfg: Config, kind: str) -> nn.Module:
@@ -1182,35 +1179,29 @@ HUB_PROBE_SECONDS = 3  # how long check_model waits for the hub to answer before
 
 
 def check_model(flag: str, name: str) -> None:
-    """Stop with one line, before anything is written, when an encoder cannot be loaded: a local
-    path that does not exist, or a hub name that is not in the local cache while the hub cannot
-    be reached (HF_HUB_OFFLINE=1, or no network)."""
-    import huggingface_hub
+    """Stop with one line, before anything is written, on a missing local path or a hub name uncached offline."""
+    from huggingface_hub import constants, try_to_load_from_cache
     from urllib.parse import urlparse
     path = Path(name).expanduser()
     if path.is_dir():
         return
     if path.exists():
         raise SystemExit(f"telme: {flag} {name}: a file; expected a model directory or a hub name")
-    try:  # a hub name is "name" or "owner/name"; anything else can only be a local path
-        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    try:  # a hub name is "name" or "owner/name" (no leading ".", "/" or "~"); anything else is a local path
+        cached = try_to_load_from_cache(name, "config.json")
     except ValueError:  # huggingface_hub's HFValidationError: not a valid repository name
         raise SystemExit(f"telme: {flag} {name}: no such directory") from None
-    if name.startswith((".", "/", "~")):
-        raise SystemExit(f"telme: {flag} {name}: no such directory")
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        url = urlparse(huggingface_hub.constants.ENDPOINT)
+    if not constants.HF_HUB_OFFLINE:
+        url = urlparse(constants.ENDPOINT)
         try:
             socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
             return
         except OSError:  # unreachable: offline mode, so a cached model loads without minutes of retries
-            huggingface_hub.constants.HF_HUB_OFFLINE = True
-    if isinstance(cached, str):
-        return
-    raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
-                     f"({huggingface_hub.constants.HF_HUB_CACHE}) while the hub is unreachable or "
-                     f"HF_HUB_OFFLINE is set; download it ahead with `hf download {name}` (README: "
-                     "offline), or pass a local model directory")
+            constants.HF_HUB_OFFLINE = True
+    if not isinstance(cached, str):
+        raise SystemExit(f"telme: {flag} {name}: no such directory, and not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) while the hub is unreachable or HF_HUB_OFFLINE is set; "
+                         f"fetch it first with `hf download {name}` (README: offline), or pass a local model directory")
 
 
 def image_statistics(name: str) -> tuple[list[float], list[float]]:
@@ -1219,8 +1210,7 @@ def image_statistics(name: str) -> tuple[list[float], list[float]]:
     return list(processor.image_mean), list(processor.image_std)
 
 
-# A student (its phase) -> the media kind it reads: the word for what the cache holds, the batch key
-# and the encoder's directory; "visual" names the student, "video" what it sees.
+# A student (its phase) -> the media kind it reads (the cache's word, the batch key, the encoder's directory).
 STUDENT_MEDIA = {"audio": "audio", "visual": "video"}
 
 
