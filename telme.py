@@ -1326,13 +1326,9 @@ class Runtime:
     official_precision: bool = False  # D14
 
     def autocast_dtype(self, use: str) -> torch.dtype | None:
-        """The autocast dtype (None: float32) of `use`: a phase's training step, "frozen" (the frozen
-        encoders' outputs a training step reads) or "eval" (dev, test, predict). --amp everywhere but under
-        D14 (official): the teacher trains and every evaluation runs in float32, while the students, the
-        fusion and the frozen outputs they read (inside the official training step) run under --amp."""
-        if self.official_precision and use in ("teacher", "eval"):
-            return None
-        return self.amp_dtype
+        """The autocast dtype (None: float32) of a phase's training step, "frozen" (the frozen encoders' outputs it
+        reads) or "eval" (dev, test, predict): --amp, but D14 (official) trains the teacher and evaluates in float32."""
+        return None if self.official_precision and use in ("teacher", "eval") else self.amp_dtype
 
     def autocast(self, use: str):
         dtype = self.autocast_dtype(use)
@@ -1364,15 +1360,13 @@ def make_runtime(cfg: Config) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp = AUTOCAST_TYPES[cfg.amp]
     if cfg.official_cudnn:  # D16: the official seeding's cuDNN settings
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    return Runtime(device, amp if device.type == "cuda" else None, cfg.official_precision)
+    return Runtime(device, AUTOCAST_TYPES[cfg.amp] if device.type == "cuda" else None, cfg.official_precision)
 
 
 # --- Several processes (torchrun): DistributedDataParallel; rank 0 alone writes and logs ----------
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes; (0, 1) unless launched by torchrun."""
+def rank_and_world() -> tuple[int, int]:  # (0, 1) unless launched by torchrun
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -1383,13 +1377,11 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every process (a no-op in a single process): what rank 0 wrote is now on disk."""
     if rank_and_world()[1] > 1:
         dist.barrier()
 
 
-def gather_objects(value) -> list:
-    """`value` of every rank, in rank order (a one-element list in a single process)."""
+def gather_objects(value) -> list:  # every rank's value, in rank order
     gathered = [value] * rank_and_world()[1]
     if len(gathered) > 1:
         dist.all_gather_object(gathered, value)
@@ -1406,8 +1398,7 @@ def log(message: str) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
-def warn(message: str) -> None:
-    """Data that is left out without stopping the run; on stderr, as stdout may be JSON (stats)."""
+def warn(message: str) -> None:  # data left out without stopping the run; stderr, as stdout may be JSON (stats)
     if is_main_process():
         tqdm.write(message, file=sys.stderr)
 
@@ -1416,22 +1407,15 @@ PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress 
 
 
 def progress(iterable, description: str, quiet: bool, **kwargs):
-    """A tqdm bar on a terminal; otherwise a line about every PROGRESS_SECONDS (a teacher epoch on a
-    CPU takes many minutes); nothing under --quiet."""
-    silent = quiet or not is_main_process()
-    bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
-               disable=silent or not sys.stderr.isatty(), **kwargs)
-    # Lines go through the (disabled) bar all the same: iterated bare instead of through tqdm, a
-    # DataLoader gave the demo's teacher other figures, and figures must not depend on where output goes.
-    return bar if silent or sys.stderr.isatty() else progress_lines(bar, description, kwargs.get("unit", "batch"))
-
-
-def progress_lines(bar: tqdm, description: str, unit: str):
-    total = f"/{bar.total}" if bar.total else ""
+    """A tqdm bar on a terminal, else a line about every PROGRESS_SECONDS (a CPU teacher epoch takes minutes)."""
+    silent, terminal = quiet or not is_main_process(), sys.stderr.isatty()
+    bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=silent or not terminal, **kwargs)
+    total, unit = f"/{bar.total}" if bar.total else "", kwargs.get("unit", "batch")
+    # Lines too go through the (disabled) bar: iterated bare, a DataLoader gave the demo's teacher other figures.
     started = last = time.time()
     for done, item in enumerate(bar, start=1):
         yield item
-        if time.time() - last >= PROGRESS_SECONDS:
+        if not (silent or terminal) and time.time() - last >= PROGRESS_SECONDS:
             last = time.time()
             print(f"{description}: {unit} {done}{total}, {last - started:.0f} s", file=sys.stderr, flush=True)
 
@@ -1439,17 +1423,15 @@ def progress_lines(bar: tqdm, description: str, unit: str):
 def schedule_lengths(cfg: Config, train_loader: DataLoader, epochs: int) -> tuple[int, int]:
     """Warmup and total length of fit's lr schedule in scheduler steps (one per optimiser step); at step s,
     lr(s) = lr * s / warmup while s < warmup, then lr * max(0, (total - s) / (total - warmup))."""
-    # D4: the official code counts both in samples while stepping once per batch, so the warmup
-    # lasts batch_size epochs and the decay would end batch_size times later than training does.
+    # D4 (official): counted in samples but stepped once per batch, so both last batch_size times longer.
     per_epoch = len(train_loader.dataset) if cfg.official_schedule else len(train_loader)
     return int(per_epoch * cfg.warmup_epochs), per_epoch * epochs
 
 
 def clip_and_step(optimizer, scaler, params, cfg: Config) -> None:
     """Clip the gradient norm at cfg.grad_clip, then step (the scaler skips non-finite steps)."""
-    if not cfg.official_clipping:
-        scaler.unscale_(optimizer)  # D5: clip the true gradients, not the scaled ones
-    # D5 (official): without unscale_ first, the threshold applies to the loss-scaled gradients.
+    if not cfg.official_clipping:  # D5: clip the true gradients; the official code clips the loss-scaled ones
+        scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
@@ -1460,27 +1442,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def make_loader(dataset, cfg: Config, rt: Runtime, collate, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of cfg.batch_size; under torchrun each process gets its own shard of the dataset
-    (shuffled anew each epoch by fit's set_epoch), so the effective batch is world x batch_size."""
+    """Under torchrun each process reads its own shard (reshuffled by fit's set_epoch): the batch is world x size."""
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if rt.device.type == "cuda" else 0)
     if isinstance(dataset, FeatureDataset):  # tensors in memory: worker processes would only add IPC
         workers = 0
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    rank, world = rank_and_world()
     # Training shards are disjoint (drop_last: each epoch leaves out at most world-1 random items);
     # evaluation shards are padded with repeats to equal length, and run_model drops the repeats.
-    sampler = (DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
-               if world > 1 else None)
+    sampler = (DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=shuffle)
+               if rank_and_world()[1] > 1 else None)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=loader_batch_size(dataset, cfg, shuffle), shuffle=shuffle and sampler is None,
                       sampler=sampler, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=rt.device.type == "cuda", generator=generator)
 
 
 def loader_batch_size(dataset, cfg: Config, training: bool) -> int:
-    """cfg.batch_size for training; for forward-only passes, cfg.eval_batch_size where an item's output
-    does not depend on its batch mates. Audio keeps batch_size: the padding to the batch's longest clip
-    reaches the last real frames through data2vec's stacked positional convolutions, so F_A depends on
-    the batch and stays as trained in training-size batches; so does the fusion's output under D2."""
+    """cfg.eval_batch_size for forward-only passes whose outputs do not depend on batch mates, else cfg.batch_size:
+    F_A does (data2vec's positional convolutions carry the padding into the last real frames), as does D2's fusion."""
     batch_bound = "audio" in getattr(dataset, "kinds", ()) or (
         isinstance(dataset, FeatureDataset) and cfg.asf_attention == "batch")
     return cfg.batch_size if training or batch_bound else cfg.eval_batch_size
@@ -1496,14 +1474,14 @@ def save_weights(module: nn.Module, path: Path, **metadata) -> None:
     atomic_write(path, lambda f: f.write(save(state, metadata={k: str(v) for k, v in metadata.items()})))
 
 
-def load_weights(module: nn.Module, path: Path) -> None:
+def load_weights(module: nn.Module, path: Path) -> nn.Module:
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found; train that phase first")
     module.load_state_dict(load_file(path))
+    return module
 
 
-def safetensors_metadata(path: Path) -> dict:
-    """The metadata of a safetensors file (its header alone is read)."""
+def safetensors_metadata(path: Path) -> dict:  # reads the header alone
     with safe_open(path, "pt") as f:
         return f.metadata() or {}
 
@@ -1526,9 +1504,8 @@ DEPENDENT_PHASES = {"teacher": ("audio", "visual", "fusion"), "audio": ("fusion"
 
 
 def replace_weights(run: Path, phase: str, model: nn.Module, **metadata) -> None:
-    """Write a phase's new best weights over its old ones; only then go the phases trained on the
-    old ones (weights, checkpoints, markers) and the metrics.json entries of all these, so that a
-    run that fails before its first epoch ends leaves the earlier run's weights as they were."""
+    """Write a phase's new best weights; only then remove what was trained on its old ones and their metrics.json
+    entries, so that a run failing before its first epoch ends leaves the earlier run's weights intact."""
     dependent = DEPENDENT_PHASES[phase]
     stale = [p for p in dependent if weights_path(run, p).is_file()]
     save_weights(model, weights_path(run, phase), **metadata)
@@ -1551,43 +1528,33 @@ def saved_epoch(run: Path, phase: str) -> int | None:
         return None
 
 
-def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedule, scaler,
-                    generator) -> None:
-    """Everything needed to continue after `epoch` as if never stopped, written atomically: with every
-    random stream training draws from, the data order's generator included, in types that
-    torch.load(weights_only=True) reads back (numpy's key array as a list)."""
-    kind, key, position, has_gauss, gauss = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), position, has_gauss, gauss),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "loader": generator.get_state() if generator is not None else None}
+def save_checkpoint(path: Path, epoch: int, best: dict, model, optimizer, schedule, scaler, generator) -> None:
+    """All that resumes after `epoch` as if never stopped, every random stream included, in weights_only types."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all(), "loader": generator.get_state()}  # "cuda": [] without a GPU
     state = {"epoch": epoch, "best": best, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator) -> tuple[int, dict]:
-    """Load what save_checkpoint wrote into the training objects; returns (last completed epoch, best
-    so far). A truncated or damaged file stops with a one-line error."""
+    """Load what save_checkpoint wrote into the training objects; returns (last completed epoch, best so far)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); delete it to "
-                         "restart this phase from its first epoch") from None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    if state["scaler"]:  # empty when it was saved disabled (on a CPU, or without fp16)
-        scaler.load_state_dict(state["scaler"])
+        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); delete it to restart") from None
+    for key, part in (("model", model), ("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler)):
+        if state[key]:  # the scaler's is empty when it was saved disabled (on a CPU, or without fp16)
+            part.load_state_dict(state[key])
     rng = state["rng"]
     random.setstate(rng["python"])
-    kind, key, position, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((kind, np.array(key, np.uint32), position, has_gauss, gauss))
+    kind, key, *rest = rng["numpy"]
+    np.random.set_state((kind, np.array(key, np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if generator is not None:
-        generator.set_state(rng["loader"])
+    torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["loader"])
     return state["epoch"], state["best"]
 
 
@@ -1603,9 +1570,8 @@ def save_encoder_config(run: Path, kind: str, encoder: nn.Module, extra=None) ->
     encoder.config.save_pretrained(directory)
     if kind == "text":
         extra.save_pretrained(directory)
-    elif kind == "video":
-        mean, std = extra  # TimeSformer's processor class is VideoMAE's
-        transformers.VideoMAEImageProcessor(image_mean=mean, image_std=std).save_pretrained(directory)
+    elif kind == "video":  # TimeSformer's processor class is VideoMAE's
+        transformers.VideoMAEImageProcessor(image_mean=extra[0], image_std=extra[1]).save_pretrained(directory)
 
 
 def saved_encoder(run: Path, kind: str) -> nn.Module:
@@ -1615,15 +1581,13 @@ def saved_encoder(run: Path, kind: str) -> nn.Module:
 def load_teacher(run: Path, cfg: Config, rt: Runtime):
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir(run, "text"))
     teacher = TextTeacher(saved_encoder(run, "text"), len(EMOTIONS[cfg.dataset]), cfg.feature_dim)
-    load_weights(teacher, weights_path(run, "teacher"))
-    return teacher.to(rt.device).eval(), tokenizer
+    return load_weights(teacher, weights_path(run, "teacher")).to(rt.device).eval(), tokenizer
 
 
 def load_student(run: Path, kind: str, cfg: Config, rt: Runtime) -> nn.Module:
     phase = {media: student for student, media in STUDENT_MEDIA.items()}[kind]
     student = build_student(kind, saved_encoder(run, kind), len(EMOTIONS[cfg.dataset]), cfg.official_audio_pooling)
-    load_weights(student, weights_path(run, phase))
-    return student.to(rt.device).eval()
+    return load_weights(student, weights_path(run, phase)).to(rt.device).eval()
 
 
 # D7: the official code normalises with VideoMAE's image-processor statistics (ImageNet's).
