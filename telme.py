@@ -916,7 +916,8 @@ def decode_job(job: list[tuple]) -> int:
             atomic_write(Path(base).with_suffix(".npy"), lambda f: np.save(f, array))
             decoded += 1
         except MediaError as error:
-            atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(str(error).encode()))
+            reason = str(error)
+            atomic_write(Path(base).with_suffix(".err"), lambda f: f.write(reason.encode()))
     return decoded
 
 
