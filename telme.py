@@ -627,7 +627,7 @@ DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivis
 
 @contextmanager
 def decoding(path: str, kind: str | None = None):
-    """(container, first `kind` stream: "audio", "video" or None); any failure, inside too, is a MediaError."""
+    """(container, first `kind` stream: "audio", "video" or None); any failure, in the block too, is a MediaError."""
     if os.path.isdir(path):
         raise MediaError("is a directory")
     if not os.path.isfile(path):
@@ -704,14 +704,13 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
         t0, t1 = (first, last) if start is None else (start, end)
         if t1 == math.inf:
             raise MediaError("video stream declares no duration")
-        frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+        frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0  # how long a frame shows
         frames, shown = [], None  # shown: the last decoded frame
         for target in [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]:
             # Decoding goes on to the next target unless a keyframe lies in between, where a seek is
             # faster: a long clip (or window) costs at most a keyframe interval per target.
             if shown is None or any(shown.time < k <= target for k in keyframes):
                 decoded = decode_from(container, stream, keyframes, target, first)
-            # A frame is on screen from frame.time until frame.time + frame_time.
             while shown is None or shown.time + frame_time <= target:
                 if (following := next(decoded, None)) is None:  # the stream ended before its declared duration
                     break
@@ -896,7 +895,7 @@ class MediaCache:
             # Every core by default, shared among the processes torchrun started on this machine.
             workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             workers = counts["workers"] = min(workers, len(jobs))
-            # spawn, not fork: a fork of a process running torch threads can hang. The block ends idle workers.
+            # spawn, not fork: a fork of a process running torch threads can hang. Leaving `with` ends idle workers.
             with (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
                   if workers > 1 else nullcontext()) as pool:
                 results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
@@ -922,7 +921,7 @@ def decode_job(job: list[tuple]) -> int:
 
 
 def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
-    """One cache entry's array (audio as AUDIO_CACHE_DTYPE); predict decodes a new clip here too, as training did."""
+    """One cache entry's array (audio as AUDIO_CACHE_DTYPE); predict decodes here too, to see what training saw."""
     limit = settings.get("stand_in_beyond_seconds")
     if limit is not None and media_seconds(path, start, end) > limit:  # D8: nothing is decoded
         if kind == "audio":
@@ -931,12 +930,11 @@ def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray
     if kind == "video":
         decode = official_frames if settings.get("official_indices") else decode_frames  # D11
         return decode(path, settings["num_frames"], settings["size"], start, end)
-    if settings.get("normalise_whole_clip"):
-        # D12: the official processor normalises the whole clip; only then is its tail kept.
-        waveform = normalise_waveform(decode_audio(path, settings["rate"], None))[-settings["max_samples"]:]
-    else:
-        waveform = decode_audio(path, settings["rate"], settings["max_samples"])
-    return waveform.astype(AUDIO_CACHE_DTYPE)
+    if not settings.get("normalise_whole_clip"):
+        return decode_audio(path, settings["rate"], settings["max_samples"]).astype(AUDIO_CACHE_DTYPE)
+    # D12: the official processor normalises the whole clip; only then is its tail kept.
+    waveform = normalise_waveform(decode_audio(path, settings["rate"], None))
+    return waveform[-settings["max_samples"]:].astype(AUDIO_CACHE_DTYPE)
 
 
 def media_seconds(path: str, start: float | None, end: float | None) -> float:
