@@ -611,10 +611,9 @@ def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
 
 
 # --- Media decoding -------------------------------------------------------------------------------
-# Only what is used is decoded, so that clips minutes long (MELD holds some) and utterances inside
-# a dialogue's video (IEMOCAP) cost about what a short clip does. Audio: decoding starts with a
-# seek to just before the kept tail; after a seek the codec restarts cold, and AUDIO_SEEK_MARGIN
-# seconds cover that warm-up. Video: see decode_frames.
+# Only what is used is decoded, so that a long MELD clip or an utterance inside an IEMOCAP dialogue's
+# video costs about what a short clip does. Audio decoding seeks to just before the kept tail; the codec
+# restarts cold after a seek, and AUDIO_SEEK_MARGIN seconds cover that warm-up.
 AUDIO_SEEK_MARGIN = 1.0
 
 
@@ -628,8 +627,7 @@ DECODE_ERRORS = (av.error.FFmpegError, UnicodeDecodeError, ValueError, ZeroDivis
 
 @contextmanager
 def decoding(path: str, kind: str | None = None):
-    """(container, its first `kind` stream: "audio", "video", or None for none); a MediaError says why
-    the file or the stream is unusable, and names whatever PyAV fails on inside the block."""
+    """(container, first `kind` stream: "audio", "video" or None); any failure, in the block too, is a MediaError."""
     if os.path.isdir(path):
         raise MediaError("is a directory")
     if not os.path.isfile(path):
@@ -682,8 +680,8 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
         raise MediaError("audio stream decodes to nothing")
     waveform = np.concatenate(chunks).astype(np.float32)
     begin = max(0, round((first - decoded_from) * source_rate))
-    # Start on a sample whose absolute index the resampler's period divides, so the output samples
-    # fall on the same 16 kHz grid however far into the stream decoding began.
+    # Begin on an absolute sample index that the resampler's period divides: the output samples then
+    # fall on the same grid wherever decoding began.
     period = source_rate // math.gcd(source_rate, rate)
     begin += -(round(decoded_from * source_rate) + begin) % period
     waveform = waveform[begin:]
@@ -697,11 +695,8 @@ def decode_audio(path: str, rate: int, max_samples: int | None) -> np.ndarray:
 
 def decode_frames(path: str, num_frames: int, size: int, start: float | None = None,
                   end: float | None = None) -> np.ndarray:
-    """(num_frames, size, size, 3) uint8 RGB frames: those showing the centres of num_frames equal
-    segments of the clip (or window), resized to a short side of `size`, then centre-cropped. Decoding
-    goes on from one target to the next while they share a keyframe, and seeks to the target's
-    keyframe when one lies in between: a short clip is decoded once front to back, a long one (or a
-    window of a long recording) costs at most a keyframe interval per target."""
+    """(num_frames, size, size, 3) uint8 RGB: the frames shown at the centres of num_frames equal segments
+    of the clip (or of the window [start, end] s), resized to a short side of `size`, then centre-cropped."""
     with decoding(path, "video") as (container, stream):
         keyframes = keyframe_times(path, start, end)
         stream.thread_type = "AUTO"
@@ -709,19 +704,15 @@ def decode_frames(path: str, num_frames: int, size: int, start: float | None = N
         t0, t1 = (first, last) if start is None else (start, end)
         if t1 == math.inf:
             raise MediaError("video stream declares no duration")
-        frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-        targets = [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]
-        frames, decoded, shown = [], None, None  # shown: the last decoded frame
-        for target in targets:
-            keyframe = max((k for k in keyframes if k <= target), default=first)
-            if decoded is None or keyframe > shown.time:
-                if keyframe > first:
-                    container.seek(int(keyframe / stream.time_base), stream=stream)
-                decoded = (f for f in container.decode(stream) if f.time is not None)
-            # A frame is on screen from frame.time until frame.time + frame_time.
+        frame_time = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0  # how long a frame shows
+        frames, shown = [], None  # shown: the last decoded frame
+        for target in [t0 + (i + 0.5) * (t1 - t0) / num_frames for i in range(num_frames)]:
+            # Decoding goes on to the next target unless a keyframe lies in between, where a seek is
+            # faster: a long clip (or window) costs at most a keyframe interval per target.
+            if shown is None or any(shown.time < k <= target for k in keyframes):
+                decoded = decode_from(container, stream, keyframes, target, first)
             while shown is None or shown.time + frame_time <= target:
-                following = next(decoded, None)
-                if following is None:  # the stream ended before its declared duration
+                if (following := next(decoded, None)) is None:  # the stream ended before its declared duration
                     break
                 shown = following
             if shown is None:
@@ -735,35 +726,27 @@ OFFICIAL_WINDOW_MARGIN = 1.0
 
 
 def official_frame_indices(count: int, num_frames: int) -> list[int]:
-    """D11: the official MELD choice among a clip's `count` frames (0-based): with step = count //
-    num_frames, those whose 1-based index is a multiple of step, the first num_frames; a clip of
-    fewer frames gives them all, then its last frame repeated."""
-    if count < num_frames:
-        return list(range(count)) + [count - 1] * (num_frames - count)
-    step = count // num_frames
-    return [k - 1 for k in range(step, count + 1, step)][:num_frames]
+    """D11: the official MELD pick among `count` frames (0-based): the first num_frames whose 1-based index
+    count // num_frames divides; a clip of fewer frames gives them all, then its last repeated."""
+    step = max(1, count // num_frames)
+    kept = [k - 1 for k in range(step, count + 1, step)][:num_frames]
+    return kept + [kept[-1]] * (num_frames - len(kept))
 
 
 def official_window_frame_indices(fps: float, start: float, end: float, num_frames: int) -> list[int]:
-    """D11: the official IEMOCAP choice (0-based) for the window [start, end] s of a dialogue video:
-    every step-th frame of [low, high] = [max(start - 1, 0), end + 1] (1-based k, fps x low <= k <=
-    fps x high), step = floor(fps x (high - low) / num_frames), the first num_frames, the last
-    repeated when fewer. Where the official step is 0 (its decoding fails): every frame of it."""
+    """D11: the official IEMOCAP pick (0-based) in [start, end] s widened a second each side: every step-th
+    frame, the first num_frames, the last repeated when fewer; where the official step is 0, every frame."""
     low, high = max(start - OFFICIAL_WINDOW_MARGIN, 0.0), end + OFFICIAL_WINDOW_MARGIN
     step = max(1, math.floor(fps * (high - low) / num_frames))
     first, last = max(1, math.ceil(fps * low)), math.floor(fps * high)
-    kept = [k - 1 for k in range(first + step - 1, last + 1, step)][:num_frames]
-    if not kept:
-        kept = [first - 1]
+    kept = [k - 1 for k in range(first + step - 1, last + 1, step)][:num_frames] or [first - 1]
     return kept + [kept[-1]] * (num_frames - len(kept))
 
 
 def official_frames(path: str, num_frames: int, size: int, start: float | None = None,
                     end: float | None = None) -> np.ndarray:
-    """D11: the frames the official code picks, by frame count (MELD clips) or in the widened window
-    of a dialogue video (IEMOCAP), resized and cropped as decode_frames does. A frame's 0-based index
-    is its presentation time x the frame rate; decoding starts at the keyframe before the first
-    index, and an index the stream lacks (past its end) repeats the frame picked before it."""
+    """D11: the frames the official code picks, by frame count (MELD) or in the widened window of a dialogue
+    video (IEMOCAP), resized and cropped as decode_frames does; a frame's index is its time x the frame rate."""
     with decoding(path, "video") as (container, stream):
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or 0)
@@ -779,13 +762,8 @@ def official_frames(path: str, num_frames: int, size: int, start: float | None =
         else:
             indices = official_window_frame_indices(fps, start, end, num_frames)
         earliest = first + indices[0] / fps
-        keyframe = max((k for k in keyframe_times(path, earliest, earliest) if k <= earliest), default=first)
-        if keyframe > first:
-            container.seek(int(keyframe / stream.time_base), stream=stream)
         found = {}
-        for frame in container.decode(stream):
-            if frame.time is None:
-                continue
+        for frame in decode_from(container, stream, keyframe_times(path, earliest, earliest), earliest, first):
             index = round((frame.time - first) * fps)
             if index in indices:
                 found[index] = resize_and_crop(frame, size)
@@ -793,26 +771,26 @@ def official_frames(path: str, num_frames: int, size: int, start: float | None =
                 break
     if not found:
         raise MediaError("video stream decodes to nothing")
-    frames, shown = [], found[min(found)]
-    for index in indices:  # ascending
-        shown = found.get(index, shown)
-        frames.append(shown)
-    return np.stack(frames)
+    shown = found[min(found)]  # an index the stream lacks (past its end) repeats the pick before it
+    return np.stack([shown := found.get(index, shown) for index in indices])  # indices ascend
 
 
 def keyframe_times(path: str, start: float | None, end: float | None) -> list[float]:
-    """Presentation times of the video keyframes from the one before `start` to `end`, read from the
-    packet headers (nothing is decoded)."""
+    """Times (s) of the video keyframes from the one before `start` to `end`, from packet headers alone."""
     with decoding(path, "video") as (container, stream):
         if start is not None:
             container.seek(int(start / stream.time_base), stream=stream)
-        times = []
-        for packet in container.demux(stream):
-            if packet.dts is not None and end is not None and packet.dts * stream.time_base > end:
-                break
-            if packet.is_keyframe and packet.pts is not None:
-                times.append(float(packet.pts * stream.time_base))
-        return times
+        packets = itertools.takewhile(lambda p: end is None or p.dts is None or p.dts * stream.time_base <= end,
+                                      container.demux(stream))
+        return [float(p.pts * stream.time_base) for p in packets if p.is_keyframe and p.pts is not None]
+
+
+def decode_from(container, stream, keyframes: list[float], time: float, first: float):
+    """The stream's frames that have a time, decoded from the last of `keyframes` at or before `time` s."""
+    keyframe = max((k for k in keyframes if k <= time), default=first)
+    if keyframe > first:  # `first`: the stream's start
+        container.seek(int(keyframe / stream.time_base), stream=stream)
+    return (f for f in container.decode(stream) if f.time is not None)
 
 
 def resize_and_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
@@ -825,23 +803,19 @@ def resize_and_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
 
 
 # --- Media cache: every clip decoded once, read back memory-mapped --------------------------------
-# Part of every entry's key: bump it when what an entry holds changes while its settings do not (a
-# new decoder, a new dtype), so that no old entry is read as a new one.
+# Part of every entry's key: bump it when what an entry holds changes under the same settings (a new dtype).
 MEDIA_CACHE_FORMAT = 1
-# Audio is kept as float16: half of float32 like int16, but without int16's clipping of the AAC
-# decoder's overshoots past full scale. Its 11-bit relative precision is below the noise floor of the
-# recordings, and each waveform is normalised to unit variance before the encoder anyway.
+# float16: half of float32 like int16, without int16's clipping of the AAC decoder's overshoots past full
+# scale; its 11-bit precision is below the recordings' noise floor, and waveforms are normalised anyway.
 AUDIO_CACHE_DTYPE = np.float16
 # A writer renames its temporary file within seconds; one this old was left by a killed prepare.
 STALE_TEMPORARY_SECONDS = 3600
 
 
 class MediaCache:
-    """Decoded audio and frames on disk, one .npy per (file, window, decoding settings), keyed by the
-    file's path, size and mtime with the settings: a changed file or setting is decoded again and
-    nothing else is. An undecodable clip leaves a `.err` file holding the reason (the utterance trains
-    with zeros for that modality). Entries are written atomically: a prepare killed part-way leaves
-    only whole entries, and the next one decodes just what is missing."""
+    """Decoded audio and frames, one .npy per file (path, size, mtime), window and decoding settings, or a
+    .err holding why it could not be decoded (zeros for that modality); a changed file or setting is decoded
+    again. Entries are written atomically: a killed prepare leaves whole entries, the next decodes the rest."""
 
     def __init__(self, cfg: Config):
         self.root = Path(cfg.cache_dir)
@@ -851,12 +825,12 @@ class MediaCache:
                           max_samples=cfg.max_audio_samples),
             "video": dict(num_frames=cfg.num_frames, size=cfg.image_size),
         }
-        # D11 and D12 change what an entry holds; being in the settings, they are part of its key.
+        # D8, D11 and D12 change what an entry holds; in the settings, they are part of its key.
         if cfg.official_frame_indices:
             self.settings["video"]["official_indices"] = True
         if cfg.official_audio_normalisation:
             self.settings["audio"]["normalise_whole_clip"] = True
-        if cfg.official_long_clips:  # D8, applied in decode_media; the settings are part of the key
+        if cfg.official_long_clips:  # applied in decode_media
             for settings in self.settings.values():
                 settings["stand_in_beyond_seconds"] = OFFICIAL_MAX_CLIP_SECONDS
 
@@ -887,11 +861,10 @@ class MediaCache:
         jobs, seen = [], set()
         for u in utterances:
             job = []
-            for kind in ("audio", "video"):
+            for kind, path, *window in (("audio", u.audio, None, None), ("video", u.video, u.start, u.end)):
                 base = self.location(kind, u)
                 if base not in seen and not any(base.with_suffix(s).exists() for s in (".npy", ".err")):
                     seen.add(base)
-                    path, window = (u.audio, (None, None)) if kind == "audio" else (u.video, (u.start, u.end))
                     job.append((kind, path, *window, str(base), self.settings[kind]))
             if job:
                 jobs.append(job)
@@ -908,12 +881,10 @@ class MediaCache:
                 pass
 
     def prepare(self, utterances: list[Utterance], workers: int, quiet: bool = False) -> dict[str, float]:
-        """Decode what is not cached yet, one clip per task, in worker processes; counts cached and
-        decoded entries (prepare_media lists the faults), clips, this process's workers, seconds."""
+        """Decode what is not cached, a clip per worker task; counts cached, decoded, clips, workers, seconds."""
         self.sweep_temporaries()
         jobs = self.missing_jobs(utterances)
-        # Under torchrun every process must list the same missing entries before any writes one:
-        # each takes its share of that list by position.
+        # Under torchrun every process lists the missing entries before any writes one, then takes its share.
         barrier()
         cached = 2 * len(utterances) - sum(map(len, jobs))  # an audio and a video entry per utterance
         counts = {"cached": cached, "decoded": 0, "clips": len(jobs), "workers": 0}
@@ -924,14 +895,11 @@ class MediaCache:
             # Every core by default, shared among the processes torchrun started on this machine.
             workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             workers = counts["workers"] = min(workers, len(jobs))
-            # spawn, not fork: a forked copy of a process that already runs torch threads can hang.
-            pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
-                                                              initargs=(1,)) if workers > 1 else None)
-            results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
-            counts["decoded"] = sum(progress(results, "decoding", quiet, total=len(jobs), unit="clip"))
-            if pool:
-                pool.close()
-                pool.join()
+            # spawn, not fork: a fork of a process running torch threads can hang. Leaving `with` ends idle workers.
+            with (multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
+                  if workers > 1 else nullcontext()) as pool:
+                results = pool.imap_unordered(decode_job, jobs) if pool else map(decode_job, jobs)
+                counts["decoded"] = sum(progress(results, "decoding", quiet, total=len(jobs), unit="clip"))
         # Every process's count; gathering also waits until every share is on disk.
         counts["decoded"] = sum(gather_objects(counts["decoded"]))
         counts["seconds"] = time.perf_counter() - started
@@ -939,8 +907,7 @@ class MediaCache:
 
 
 def decode_job(job: list[tuple]) -> int:
-    """Decode one clip's missing entries in a worker process, each written atomically (a fault as
-    its .err file); returns how many decoded."""
+    """Decode and write one clip's missing entries (a fault as its .err file); how many decoded."""
     decoded = 0
     for kind, path, start, end, base, settings in job:
         try:
@@ -954,8 +921,7 @@ def decode_job(job: list[tuple]) -> int:
 
 
 def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray:
-    """What the cache holds for one entry (audio as AUDIO_CACHE_DTYPE); predict decodes a new
-    clip through here too, so that it sees exactly what training and eval saw."""
+    """One cache entry's array (audio as AUDIO_CACHE_DTYPE); predict decodes here too, to see what training saw."""
     limit = settings.get("stand_in_beyond_seconds")
     if limit is not None and media_seconds(path, start, end) > limit:  # D8: nothing is decoded
         if kind == "audio":
@@ -964,12 +930,11 @@ def decode_media(kind: str, path: str, start, end, settings: dict) -> np.ndarray
     if kind == "video":
         decode = official_frames if settings.get("official_indices") else decode_frames  # D11
         return decode(path, settings["num_frames"], settings["size"], start, end)
-    if settings.get("normalise_whole_clip"):
-        # D12: the official processor normalises the whole clip; only then is its tail kept.
-        waveform = normalise_waveform(decode_audio(path, settings["rate"], None))[-settings["max_samples"]:]
-    else:
-        waveform = decode_audio(path, settings["rate"], settings["max_samples"])
-    return waveform.astype(AUDIO_CACHE_DTYPE)
+    if not settings.get("normalise_whole_clip"):
+        return decode_audio(path, settings["rate"], settings["max_samples"]).astype(AUDIO_CACHE_DTYPE)
+    # D12: the official processor normalises the whole clip; only then is its tail kept.
+    waveform = normalise_waveform(decode_audio(path, settings["rate"], None))
+    return waveform[-settings["max_samples"]:].astype(AUDIO_CACHE_DTYPE)
 
 
 def media_seconds(path: str, start: float | None, end: float | None) -> float:
@@ -1026,9 +991,8 @@ TIMESFORMER_IMAGE_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
 @dataclass
 class Collate:
-    """Pads a list of items into tensors: text left-padded (the mask stays last), audio right-padded
-    with an attention mask, frames normalised; a missing modality becomes zeros (silence, and
-    frames that are zero after normalisation), as nothing tells the model a modality is absent."""
+    """Items into padded tensors: text left-padded (the mask token stays last), audio right-padded with a mask,
+    frames normalised; a missing modality is zeros (after normalisation), as the model is never told of it."""
 
     pad_id: int = 0
     text_bucket: int = 0  # prompts padded to a multiple of this (0: to the longest), at most max_text
@@ -1049,16 +1013,12 @@ class Collate:
         batch = {"index": torch.tensor([it["index"] for it in items]),
                  "label": torch.tensor([it["label"] for it in items])}
         if "input_ids" in items[0]:
-            length = max(len(it["input_ids"]) for it in items)
+            ids = [torch.tensor(it["input_ids"], dtype=torch.long) for it in items]
+            length = max(map(len, ids))
             if self.text_bucket:  # static shapes; the output is the prompt's own (TextTeacher)
                 length = max(length, min(self.max_text, -(-length // self.text_bucket) * self.text_bucket))
-            ids = torch.full((len(items), length), self.pad_id)
-            mask = torch.zeros((len(items), length), dtype=torch.long)
-            for row, it in enumerate(items):
-                n = len(it["input_ids"])
-                ids[row, length - n:] = torch.tensor(it["input_ids"])
-                mask[row, length - n:] = 1
-            batch["input_ids"], batch["attention_mask"] = ids, mask
+            batch["input_ids"] = torch.stack([F.pad(x, (length - len(x), 0), value=self.pad_id) for x in ids])
+            batch["attention_mask"] = torch.stack([F.pad(torch.ones_like(x), (length - len(x), 0)) for x in ids])
         if "audio" in items[0]:
             waves = [None if it["audio"] is None else
                      np.asarray(it["audio"], np.float32) if self.audio_normalised else normalise_waveform(it["audio"])
@@ -1070,15 +1030,14 @@ class Collate:
                 length = max(length, min(self.max_audio, self.min_audio_samples
                                          * 2 ** math.ceil(math.log2(length / self.min_audio_samples))))
             audio = torch.zeros((len(items), length))
-            mask = torch.zeros((len(items), length), dtype=torch.long)
             for row, w in enumerate(waves):
-                n = self.min_audio_samples if w is None else len(w)
                 if w is not None:
-                    first = length - n if self.audio_left_pad else 0
-                    audio[row, first:first + n] = torch.from_numpy(w)
-                # A clip shorter than min_audio_samples (or none) is unmasked up to that length,
-                # silence included: data2vec's time masking needs that many frames in the mask.
-                mask[row, :max(n, self.min_audio_samples)] = 1
+                    first = length - len(w) if self.audio_left_pad else 0
+                    audio[row, first:first + len(w)] = torch.from_numpy(w)
+            # A clip shorter than min_audio_samples (or none) is unmasked up to that length, silence
+            # included: data2vec's time masking needs that many frames in the mask.
+            unmasked = torch.tensor([max(self.min_audio_samples, 0 if w is None else len(w)) for w in waves])
+            mask = (torch.arange(length) < unmasked[:, None]).long()
             if self.audio_left_pad:
                 mask.fill_(1)  # D3: the official model sees the padding zeros as sound
             batch["audio"], batch["audio_mask"] = audio, mask
