@@ -360,16 +360,15 @@ def csv_rows(path: Path, columns: list[str]):
             missing = [c for c in columns if c not in reader.fieldnames]
             if missing:
                 raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}")
-            seen, current = set(), None
+            last_row = {}  # each dialogue's last row so far
             for row_number, row in enumerate(reader, start=2):
                 if any(row[c] is None for c in columns):  # a short row: DictReader fills it with None
                     raise DataError(f"{path}:{row_number}: {sum(v is not None for v in row.values())} fields, "
                                     f"the header has {len(reader.fieldnames)}")
                 dialogue = row["Dialogue_ID"].strip()
-                if dialogue != current and dialogue in seen:
+                if dialogue in last_row and last_row[dialogue] != row_number - 1:
                     raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
-                seen.add(dialogue)
-                current = dialogue
+                last_row[dialogue] = row_number
                 yield row_number, row
             if row_number == 1:
                 raise DataError(f"{path}:2: no utterances after the header")
@@ -380,7 +379,6 @@ def csv_rows(path: Path, columns: list[str]):
 
 
 def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int:
-    """The row's Emotion as a class index; an unknown label is an error naming the file and row."""
     emotion = row["Emotion"].strip().lower()
     if emotion not in classes:
         raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
@@ -541,9 +539,8 @@ def speaker_indices(speakers: list[str]) -> list[int]:
 
 
 def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
-    """Speaker indices for teacher_input_ids: None for ours (speaker_indices per dialogue), else D6: the official
-    ones, uncapped, over the split in row order (IEMOCAP's speaker: the utterance id); as officially, the speaker
-    list empties only after a dialogue's first utterance is indexed, so that one counts in the previous list."""
+    """teacher_input_ids' speaker indices: None for ours (speaker_indices per dialogue), else D6: the official ones,
+    uncapped, over the split in row order (IEMOCAP: by utterance id), a dialogue's first in the previous one's list."""
     if not cfg.official_speakers:
         return None
     keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
