@@ -222,9 +222,7 @@ OFFICIAL_SWITCHES = {"D1": "official_audio_rate", "D3": "official_audio_pooling"
                      "D8": "official_long_clips", "D10": "official_text", "D11": "official_frame_indices",
                      "D12": "official_audio_normalisation", "D13": "official_audio_padding",
                      "D14": "official_precision", "D15": "official_fusion_batches", "D16": "official_cudnn"}
-MELD_ONLY_SWITCHES = ("D8", "D10")  # the official IEMOCAP code has no long-clip rule, its text no C1 characters
-# The smallest value of each numeric flag and whether that value itself is allowed, and the values each
-# textual flag allows; make_config checks them, so that a bad flag stops before anything is read or written.
+# Each numeric flag's smallest value and whether that value is allowed; each textual flag's values (make_config).
 LOWER_BOUNDS = {"epochs": (1, True), "lr": (0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
                 "max_text_tokens": (2, True), "text_bucket": (0, True), "max_audio_samples": (1, True),
                 "audio_rate": (1, True), "num_frames": (1, True), "image_size": (1, True), "feature_dim": (1, True),
@@ -256,13 +254,12 @@ def make_config(dataset: str = "meld", **overrides) -> Config:
     if cfg.compat == "official":  # D1-D16 together; without it each switch keeps its own value
         cfg.asf_attention = "batch"  # D2
         cfg.amp = "fp16"  # the official code's autocast and gradient scaler, which D5 is about
-        for d, name in OFFICIAL_SWITCHES.items():
-            if d not in MELD_ONLY_SWITCHES or cfg.dataset == "meld":
+        for d, name in OFFICIAL_SWITCHES.items():  # the official IEMOCAP code has no D8 rule, its text no C1 (D10)
+            if d not in ("D8", "D10") or cfg.dataset == "meld":
                 setattr(cfg, name, True)
     for name in ("official_audio_padding", "official_fusion_batches"):
         if getattr(cfg, name) and not cfg.official_audio_pooling:
-            raise SystemExit(f"telme: --{name.replace('_', '-')} acts on the official audio pooling; "
-                             "it needs --official-audio-pooling (D3)")
+            raise SystemExit(f"telme: --{name.replace('_', '-')} needs --official-audio-pooling (D3)")
     if cfg.audio_buckets and cfg.official_audio_pooling:
         raise SystemExit("telme: --audio-buckets pads beyond the official audio padding; "
                          "not with --official-audio-pooling (D3) or --compat official")
@@ -317,9 +314,8 @@ MELD_C1_PUNCTUATION = str.maketrans({
     "\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x85": "...", "\x96": "-", "\x97": "-", "\xa0": " ",
 })
 
-# IEMOCAP as released (IEMOCAP_full_release/SessionN/; README: Data). Session 5 is the test split;
-# dev is the 12 Session 1-4 dialogues of the official code's IEMOCAP_dev.csv (647 utterances), which
-# chose the paper's best epochs; train the other 108.
+# IEMOCAP as released (README: Data). Test: Session 5; dev: the 12 Session 1-4 dialogues of the official
+# code's IEMOCAP_dev.csv (647 utterances), which chose the paper's best epochs; train: the other 108.
 IEMOCAP_SESSIONS = ("Session1", "Session2", "Session3", "Session4", "Session5")
 IEMOCAP_TEST_SESSION = "Session5"
 IEMOCAP_DEV_DIALOGUES = frozenset({
@@ -364,17 +360,15 @@ def csv_rows(path: Path, columns: list[str]):
             missing = [c for c in columns if c not in reader.fieldnames]
             if missing:
                 raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}")
-            seen, current = set(), None
+            last_row = {}  # each dialogue's last row so far
             for row_number, row in enumerate(reader, start=2):
-                if any(row[c] is None for c in columns):
-                    present = sum(v is not None for k, v in row.items() if k is not None)
-                    raise DataError(f"{path}:{row_number}: {present} fields, the header has "
-                                    f"{len(reader.fieldnames)}")
+                if any(row[c] is None for c in columns):  # a short row: DictReader fills it with None
+                    raise DataError(f"{path}:{row_number}: {sum(v is not None for v in row.values())} fields, "
+                                    f"the header has {len(reader.fieldnames)}")
                 dialogue = row["Dialogue_ID"].strip()
-                if dialogue != current and dialogue in seen:
+                if dialogue in last_row and last_row[dialogue] != row_number - 1:
                     raise DataError(f"{path}:{row_number}: rows of dialogue {dialogue} are not contiguous")
-                seen.add(dialogue)
-                current = dialogue
+                last_row[dialogue] = row_number
                 yield row_number, row
             if row_number == 1:
                 raise DataError(f"{path}:2: no utterances after the header")
@@ -385,7 +379,6 @@ def csv_rows(path: Path, columns: list[str]):
 
 
 def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int:
-    """The row's Emotion as a class index; an unknown label is an error naming the file and row."""
     emotion = row["Emotion"].strip().lower()
     if emotion not in classes:
         raise DataError(f"{path}:{row_number}: unknown emotion {row['Emotion']!r}")
@@ -393,19 +386,17 @@ def row_label(path: Path, row_number: int, row: dict, classes: list[str]) -> int
 
 
 def read_meld_csv(path: Path, clip_dir: Path, labelled: bool = True, raw_text: bool = False) -> list[Utterance]:
-    """The utterances of a CSV in MELD's layout, their clips dia<D>_utt<U>.mp4 in `clip_dir`; unlabelled
-    (no Emotion column needed, label 0) for predict --csv; raw_text keeps the C1 characters in the text (D10)."""
+    """A CSV in MELD's layout, clips dia<D>_utt<U>.mp4 in `clip_dir`; unlabelled (predict --csv): label 0."""
     utterances = []
     required = MELD_REQUIRED if labelled else [c for c in MELD_REQUIRED if c != "Emotion"]
     for row_number, row in csv_rows(path, required):
-        label = row_label(path, row_number, row, EMOTIONS["meld"]) if labelled else 0
         dialogue = row["Dialogue_ID"].strip()
         clip = str(clip_dir / f"dia{dialogue}_utt{row['Utterance_ID'].strip()}.mp4")
         utterances.append(Utterance(
             dialogue=dialogue, speaker=row["Speaker"].translate(MELD_C1_PUNCTUATION).strip(),
             # D10: the official code tokenizes the C1 characters as they are.
             text=(row["Utterance"] if raw_text else row["Utterance"].translate(MELD_C1_PUNCTUATION)).strip(),
-            label=label, video=clip, audio=clip))
+            label=row_label(path, row_number, row, EMOTIONS["meld"]) if labelled else 0, video=clip, audio=clip))
     return utterances
 
 
@@ -416,11 +407,10 @@ def iemocap_speaker(utterance_id: str) -> str:
 
 def release_text(path: Path) -> str:
     """A text file of the IEMOCAP release: UTF-8, else latin-1 (any byte), lest a stray accented byte stop reading."""
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        return data.decode("latin-1")
+        return path.read_text(encoding="latin-1")
 
 
 def divx_folder(avi_dir: Path) -> Path:
@@ -444,22 +434,18 @@ def read_iemocap_dialogue(transcript: Path) -> list[Utterance]:
             if label not in classes and label not in IEMOCAP_DROPPED:
                 raise DataError(f"{labels_path}:{row_number}: unknown emotion {label!r}")
             labels[parts[1].strip()] = label
-    wav_dir = session_dir / "sentences" / "wav" / dialog
-    video = str(divx_folder(session_dir / "dialog" / "avi") / f"{dialog}.avi")
-    turns = []
-    for line in release_text(transcript).splitlines():
-        match = IEMOCAP_TURN.match(line.strip())
-        if match and labels.get(match[1]) in classes:
-            turn, start, end, text = match[1], float(match[2]), float(match[3]), match[4].strip()
-            turns.append(Utterance(dialogue=dialog, speaker=iemocap_speaker(turn), text=text,
-                                   label=classes.index(labels[turn]), video=video,
-                                   audio=str(wav_dir / f"{turn}.wav"), start=start, end=end))
-    found = {Path(u.audio).stem for u in turns}
-    unmatched = sorted(t for t, label in labels.items() if label in classes and t not in found)
+    turns = [match.groups() for line in release_text(transcript).splitlines()
+             if (match := IEMOCAP_TURN.match(line.strip())) and labels.get(match[1]) in classes]
+    unmatched = sorted({t for t, label in labels.items() if label in classes} - {turn[0] for turn in turns})
     if unmatched:
         warn(f"telme: {transcript}: no 'TURN [start-end]: text' line for {len(unmatched)} labelled "
             f"turn(s), left out: {', '.join(unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}")
-    return sorted(turns, key=lambda u: (u.start, u.audio))
+    wav_dir = session_dir / "sentences" / "wav" / dialog
+    video = str(divx_folder(session_dir / "dialog" / "avi") / f"{dialog}.avi")
+    return sorted((Utterance(dialogue=dialog, speaker=iemocap_speaker(turn), text=text.strip(),
+                             label=classes.index(labels[turn]), video=video, audio=str(wav_dir / f"{turn}.wav"),
+                             start=float(start), end=float(end)) for turn, start, end, text in turns),
+                  key=lambda u: (u.start, u.audio))
 
 
 def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
@@ -467,13 +453,11 @@ def read_iemocap(data_dir: Path) -> dict[str, list[Utterance]]:
     csvs = {split: data_dir / name for split, name in IEMOCAP_CSV.items()}
     if csvs["train"].is_file():
         if not csvs["dev"].is_file():
-            raise SystemExit(f"telme: {csvs['dev']} not found; the official split CSVs are IEMOCAP_train.csv, "
-                             "IEMOCAP_dev.csv (which picks the best epoch) and IEMOCAP_test.csv")
+            raise SystemExit(f"telme: {csvs['dev']} not found; IEMOCAP_train.csv needs it (dev picks the best epoch)")
         return {split: read_iemocap_csv(data_dir, path) for split, path in csvs.items() if path.is_file()}
     if not (data_dir / IEMOCAP_SESSIONS[0]).is_dir():
-        raise SystemExit(f"telme: {data_dir / IEMOCAP_SESSIONS[0]} not found. IEMOCAP is licensed on request from "
-                         "https://sail.usc.edu/iemocap/; --data-dir must be IEMOCAP_full_release, holding "
-                         "Session1/ ... Session5/ (or the official IEMOCAP_train.csv, _dev.csv, _test.csv).")
+        raise SystemExit(f"telme: {data_dir / IEMOCAP_SESSIONS[0]} not found; --data-dir must be IEMOCAP_full_release "
+                         "(https://sail.usc.edu/iemocap/): Session1/ ... Session5/, or the official IEMOCAP_*.csv")
     transcripts = {session: data_dir / session / "dialog" / "transcriptions" for session in IEMOCAP_SESSIONS}
     by_session = {session: {path.stem: read_iemocap_dialogue(path) for path in sorted(folder.glob("*.txt"))}
                   for session, folder in transcripts.items() if folder.is_dir()}
@@ -518,21 +502,18 @@ def read_iemocap_csv(data_dir: Path, path: Path) -> list[Utterance]:
 
 
 def load_splits(cfg: Config, required=("train", "dev")) -> dict[str, list[Utterance]]:
-    """train, dev and (when present) test utterances, in dialogue order; MELD's `required` splits
-    must be there (eval needs none: it scores the splits it finds)."""
+    """train, dev and (when present) test utterances, in dialogue order; MELD's `required` splits must be there."""
     data_dir = Path(cfg.data_dir)
     try:
         if cfg.dataset == "iemocap":
             return read_iemocap(data_dir)
         csvs = {split: data_dir / name for split, (name, _) in MELD_SPLITS.items()}
         if not required and not (csvs["dev"].is_file() or csvs["test"].is_file()):
-            raise SystemExit(f"telme: {data_dir} holds neither {csvs['dev'].name} nor {csvs['test'].name}: "
-                             "nothing to evaluate")
+            raise SystemExit(f"telme: {data_dir} has no dev_sent_emo.csv or test_sent_emo.csv: nothing to evaluate")
         for split in required:
             if not csvs[split].is_file():
-                raise SystemExit(f"telme: {csvs[split]} not found. MELD comes from https://affective-meld.github.io/ "
-                                 "(MELD.Raw.tar.gz); --data-dir must hold "
-                                 + ", ".join(f"{name}, {clips}/" for name, clips in MELD_SPLITS.values()))
+                raise SystemExit(f"telme: {csvs[split]} not found; --data-dir must be MELD.Raw (README: Data, from "
+                                 "https://affective-meld.github.io/): the *_sent_emo.csv and their clip folders")
         if required and not csvs["test"].is_file():
             warn(f"telme: {csvs['test']} not found: no test split (test_wf1 null)")
         return {split: read_meld_csv(path, data_dir / MELD_SPLITS[split][1], raw_text=cfg.official_text)
@@ -558,32 +539,26 @@ def speaker_indices(speakers: list[str]) -> list[int]:
 
 
 def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
-    """Each utterance's speaker index for teacher_input_ids: None for ours (speaker_indices per dialogue).
-    D6: the official preprocessing's, over the split in row order, its IEMOCAP speaker the utterance id. It
-    empties its list of speakers only after indexing a dialogue's first utterance: that one is indexed against
-    the previous dialogue's list and is missing from its own. Not capped: <s10>, <s11> ... are plain text."""
+    """teacher_input_ids' speaker indices: None for ours (speaker_indices per dialogue), else D6: the official ones,
+    uncapped, over the split in row order (IEMOCAP: by utterance id), a dialogue's first in the previous one's list."""
     if not cfg.official_speakers:
         return None
     keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
-    indices, known = [], []
+    indices, known = [], {}
     for k, (key, u) in enumerate(zip(keys, utterances)):
-        if key not in known:
-            known.append(key)
-        indices.append(known.index(key))
+        indices.append(known.setdefault(key, len(known)))
         if k > 0 and u.dialogue != utterances[k - 1].dialogue:
-            known = []
+            known = {}
     return indices
 
 
 def add_speaker_tokens(tokenizer) -> None:
-    """<s1>..<s9> as special tokens, so that no tokenizer splits them (the embeddings grow to match)."""
     tokenizer.add_tokens(SPEAKER_TOKENS, special_tokens=True)
 
 
 def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
                       speaker_ids: list[int] | None = None) -> list[list[int]]:
-    """Token ids of every utterance's prompt, the mask token last (never truncated). `speaker_ids`:
-    each utterance's speaker index, by default its speaker's order of appearance in its dialogue."""
+    """Each utterance's prompt as token ids, cut from the left, the mask last; speaker_ids: see prompt_speakers."""
     ids, first = [], 0
     for dialogue in dialogues(utterances):
         indices = (speaker_indices([u.speaker for u in dialogue]) if speaker_ids is None
@@ -598,9 +573,8 @@ def teacher_input_ids(utterances: list[Utterance], tokenizer, max_tokens: int,
 
 
 def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
-    """The prompt's ids as the paper's teacher read them: the official slow RobertaTokenizer (transformers 4.27)
-    dropped the whitespace beside each speaker token (not the separator's) and encoded the pieces apart; a fast one
-    keeps it (a lone-space token before, a leading-space marker after). WordPiece tokenizers give the same ids."""
+    """The ids the paper's teacher read: the official slow RobertaTokenizer (transformers 4.27) dropped the whitespace
+    beside each speaker token (not the separator's) and encoded the pieces apart, which a fast one does not."""
     ids = []
     for i, piece in enumerate(SPEAKER_SPLIT.split(prompt)):  # text, speaker, text, ..., text
         if i % 2:  # a speaker token
