@@ -5,27 +5,21 @@ A single-file reference implementation of Yun et al., NAACL 2024 (arXiv:2401.129
 a visual student (TimeSformer); an attention-based shifting fusion then moves the teacher's feature
 by a bounded amount in the direction the students point to.
 
-Commands (see README.md; `python telme.py CMD --help` lists every flag):
+Commands (README.md; `python telme.py CMD --help` lists every flag, --threads N among them):
     python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
     python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
-    python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld
-    python telme.py eval    --run runs/meld                       # metrics.json, report.md, predictions.csv
-    python telme.py eval    --run runs/meld --data-dir MINE --out runs/meld-mine    # other labelled data
-    python telme.py train   --resume runs/meld                    # continue after an interruption
-    python telme.py train   --overwrite --phase students ...      # train phases a run holds anew
+    python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld   # --resume, --overwrite
+    torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
+    python telme.py eval    --run runs/meld        # metrics.json, report.md, predictions.csv (--out: other data)
     python telme.py predict --run runs/meld --video clip.mp4 --text "Oh my God!" --history dialogue.txt
     python telme.py predict --run runs/meld --csv my.csv --clips my_clips --out predictions.csv
-    torchrun --nproc_per_node=8 telme.py train --dataset meld --data-dir MELD.Raw --out runs/meld
-    python telme.py stats   --dataset meld --data-dir MELD.Raw
-    python telme.py synth   --out data/synth --dialogues 40
-    python telme.py bench                                   # decoding, cache and training-speed table
     python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
     python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
-Every command takes --threads N (torch's CPU threads; 1 on a CPU shared with other jobs).
+    python telme.py stats, synth, bench     # class counts; a synthetic dataset; the speed table
 
 Map of the file (paper order), and where each piece of the paper lives:
     Config and presets ............ Config: every flag, with where its value comes from; PRESETS
-    1. Data ....................... read_meld_split, read_iemocap: CSV -> dialogues; teacher_input_ids:
+    1. Data ....................... read_meld_csv, read_iemocap: CSV -> dialogues; teacher_input_ids:
                                     the teacher's prompt; MediaCache: clips decoded once
                                     (decode_audio, decode_frames)
     2. Encoders ................... TextTeacher (F_T), AudioStudent (F_A), VisualStudent (F_V)
