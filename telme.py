@@ -1538,33 +1538,33 @@ def audio_forward(model, batch):
     return model(batch["audio"], batch["audio_mask"], batch.get("time_masks"))
 
 
-def host_time_masks(encoder: nn.Module, forward):
-    """`forward` with data2vec-audio's SpecAugment time masks drawn here on the host, by the numpy
-    calls its own forward makes in training (the same masks for the same seed), then passed in: a
-    compiled or graphed step holds none of the drawing, and each step draws anew."""
-    # transformers exposes no public function for it; this one is what the model's forward calls.
-    from transformers.models.data2vec.modeling_data2vec_audio import _compute_mask_indices
-    config = encoder.config
-
-    def masked_forward(model, batch):
-        if getattr(config, "apply_spec_augment", True) and config.mask_time_prob > 0:
-            frames = int(encoder._get_feat_extract_output_lengths(batch["audio"].shape[1]))
-            frame_mask = encoder._get_feature_vector_attention_mask(frames, batch["audio_mask"])
-            drawn = _compute_mask_indices((len(frame_mask), frames), config.mask_time_prob,
-                                          config.mask_time_length, frame_mask, config.mask_time_min_masks)
-            batch = batch | {"time_masks": torch.from_numpy(drawn).to(batch["audio"].device)}
-        return forward(model, batch)
-    return masked_forward
-
-
 def video_forward(model, batch):
     return model(batch["video"])
 
 
+FORWARDS = {"teacher": text_forward, "audio": audio_forward, "visual": video_forward}
+
+
+def host_time_masks(encoder: nn.Module, forward):
+    """`forward` drawing data2vec-audio's time masks on the host as its own forward would, outside any graph."""
+    # transformers exposes no public function for it; this one is what the model's forward calls.
+    from transformers.models.data2vec.modeling_data2vec_audio import _compute_mask_indices
+    config = encoder.config
+    if not (getattr(config, "apply_spec_augment", True) and getattr(config, "mask_time_prob", 0) > 0):
+        return forward  # no time masks: SpecAugment off, or not an audio encoder
+
+    def masked_forward(model, batch):
+        frames = int(encoder._get_feat_extract_output_lengths(batch["audio"].shape[1]))
+        frame_mask = encoder._get_feature_vector_attention_mask(frames, batch["audio_mask"])
+        drawn = _compute_mask_indices((len(frame_mask), frames), config.mask_time_prob,
+                                      config.mask_time_length, frame_mask, config.mask_time_min_masks)
+        return forward(model, batch | {"time_masks": torch.from_numpy(drawn).to(batch["audio"].device)})
+    return masked_forward
+
+
 @torch.no_grad()
 def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str, use: str = "eval"):
-    """(features, logits) of every item of `loader`'s dataset, in dataset order, float32 on the CPU
-    (under torchrun, on every rank); `use`: "eval", or "frozen" for outputs a training step reads."""
+    """Every item's (features, logits) in dataset order, float32 on the CPU (on every rank under torchrun)."""
     model.eval()
     indices, features, logits = [], [], []
     for batch in progress(loader, description, quiet):
@@ -1575,17 +1575,14 @@ def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str
             features.append(f.float())
         logits.append(z.float())
     features, logits = (torch.cat(features).cpu() if features else None), torch.cat(logits).cpu()
-    if rank_and_world()[1] > 1:
-        features, logits = gather_shards(torch.cat(indices), features, logits, len(loader.dataset))
-    return features, logits
-
-def gather_shards(indices: torch.Tensor, features, logits, size: int):
-    """Every rank's (features, logits) placed at their dataset indices; the repeats that pad the
-    last shard land on an index already filled with the same item, so each counts once."""
+    if rank_and_world()[1] == 1:
+        return features, logits
+    # Every rank's shard placed at its dataset indices: the repeats that pad the last shard count once.
+    size = len(loader.dataset)
     whole = [None if features is None else features.new_zeros(size, features.shape[-1]),
              logits.new_zeros(size, logits.shape[-1])]
     seen = torch.zeros(size, dtype=torch.bool)
-    for shard_indices, *shard in gather_objects((indices, features, logits)):
+    for shard_indices, *shard in gather_objects((torch.cat(indices), features, logits)):
         seen[shard_indices] = True
         for target, values in zip(whole, shard):
             if target is not None:
@@ -1593,28 +1590,26 @@ def gather_shards(indices: torch.Tensor, features, logits, size: int):
     assert seen.all(), "a distributed evaluation missed items"
     return tuple(whole)
 
+
 def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
-    # fused: one pass over all parameters instead of several. AdamW is memory-bound, and in the
-    # fusion phase (5.3M parameters, batch 4) the optimiser is most of a step's time.
+    # fused: one pass over all parameters; AdamW is memory-bound, most of a fusion step's time (5.3M parameters).
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
 def compiled_step(trained: nn.Module, optimizer, cfg: Config, device: torch.device) -> tuple:
-    """Under --compile, the module compiled in --compile-mode and the update for train_step: under
-    reduce-overhead compiled too, the lr then a device tensor the schedule updates in place (not a constant)."""
+    """The module and train_step's update, compiled as --compile and --compile-mode ask."""
     if not cfg.compile:
         return trained, clip_and_step
     if cfg.compile_mode != "reduce-overhead":
         return torch.compile(trained, mode=cfg.compile_mode), clip_and_step
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # lr a device tensor the schedule updates in place, not a compiled constant
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
     return torch.compile(trained, mode=cfg.compile_mode), torch.compile(clip_and_step, mode=cfg.compile_mode)
 
 
 def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params: list, cfg: Config,
                rt: Runtime, phase: str, update=clip_and_step) -> torch.Tensor:
-    """One optimiser step on a batch already on the device; returns the loss still on the device
-    (reading it would make the host wait for the GPU at every step). `update`: see compiled_step."""
+    """One optimiser step; the loss stays on the device (reading it would make the host wait for the GPU)."""
     torch.compiler.cudagraph_mark_step_begin()  # a new training step: CUDA graphs' outputs may be reused
     with rt.autocast(phase):
         loss = loss_fn(model, batch)
@@ -1626,8 +1621,7 @@ def train_step(model: nn.Module, batch: dict, loss_fn, optimizer, scaler, params
 
 def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: int, lr: float,
         cfg: Config, rt: Runtime, run: Path, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Train `model`, evaluate every epoch, keep the epoch with the best dev weighted F1. `scaler`:
-    a gradient scaler that carries on from an earlier phase (D14), else a fresh one."""
+    """Train `model`, keeping the epoch of best dev weighted F1; `scaler`: carried on from an earlier phase (D14)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr)
     schedule = transformers.get_linear_schedule_with_warmup(
@@ -1641,11 +1635,12 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         written = {"best_epoch": str(done), "dev_wf1": str(best["dev_wf1"])}
         if (is_main_process() and best["best_epoch"] == done and not (
                 weights.is_file() and written.items() <= safetensors_metadata(weights).items())):
-            # Stopped between this best epoch's checkpoint and its weights (the weights there, if
-            # any, are an earlier run's): the model just restored is that epoch's.
+            # Stopped between this best epoch's checkpoint and its weights (any there are an earlier run's).
             replace_weights(run, phase, model, best_epoch=done, dev_wf1=best["dev_wf1"])
-    # At batch 4 a GPU step is bound by Python and kernel launches (README: Speed).
-    trained, update = compiled_step(data_parallel(model, rt), optimizer, cfg, rt.device)
+    # DDP under torchrun; an encoder's pooler and data2vec's mask embedding go unused on some steps.
+    trained = model if rank_and_world()[1] == 1 else DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, find_unused_parameters=True)
+    trained, update = compiled_step(trained, optimizer, cfg, rt.device)
     if cfg.compile:
         log(f"[{phase:7s}] --compile: the first steps compile the training step (minutes on a GPU)")
     for epoch in range(done + 1, epochs + 1):
@@ -1658,10 +1653,9 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
                                      params, cfg, rt, phase, update)
             schedule.step()
         reports = {}
-        for split in ("dev", "test"):
-            if split in loaders:
-                _, logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")
-                reports[split] = split_scores(logits, dataset_labels(loaders[split].dataset), EMOTIONS[cfg.dataset])
+        for split in [s for s in ("dev", "test") if s in loaders]:
+            logits = run_model(model, loaders[split], forward, rt, cfg.quiet, f"{phase} {split}")[1]
+            reports[split] = split_scores(logits, dataset_labels(loaders[split].dataset), EMOTIONS[cfg.dataset])
         dev_wf1 = reports["dev"]["wf1"]  # every rank holds the same (gathered) reports
         improved = dev_wf1 > best["dev_wf1"]
         if improved:
@@ -1679,28 +1673,17 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
         log(line)
         with open(run / "train.log", "a") as f:
             f.write(line + "\n")
-        # The checkpoint first: it holds this epoch's model, so that a run stopped before the best
-        # weights are written below writes them when it resumes (see above).
+        # The checkpoint first: a run stopped before the best weights below are written writes them on resuming.
         save_checkpoint(checkpoint, epoch, best, model, optimizer, schedule, scaler, loaders["train"].generator)
         if improved:
             replace_weights(run, phase, model, best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
         update_metrics(run, phase, best)
-        # The phase is done: a small marker replaces the (optimizer-sized) checkpoint.
         atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
             {"epochs": epochs, "best_epoch": best["best_epoch"], "scaler": scaler.state_dict()}).encode()))
-        checkpoint.unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)  # done: a small marker replaces the (optimizer-sized) checkpoint
     barrier()  # the next phase, on any rank, reads what rank 0 has just written
     return best
-
-
-def data_parallel(model: nn.Module, rt: Runtime) -> nn.Module:
-    """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks), else
-    itself. Unused parameters allowed: an encoder's pooler, data2vec's mask embedding, on some steps."""
-    if rank_and_world()[1] == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                   find_unused_parameters=True)
 
 
 def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance], **media) -> UtteranceDataset:
@@ -1711,6 +1694,7 @@ def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance], **media
 
 def train_teacher(cfg: Config, rt: Runtime, run: Path, splits: dict) -> dict:
     """Phase 1: fine-tune the text encoder on the dialogue prompt with cross-entropy."""
+    transformers.set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
     add_speaker_tokens(tokenizer)
     encoder = pretrained_encoder(cfg.text_model, cfg, "text")
@@ -1728,15 +1712,14 @@ def teacher_loss(model, batch):
 
 
 def prepare_media(cfg: Config, splits: dict) -> MediaCache:
-    """Decode every clip not cached yet, then list each utterance's media faults (those found by an
-    earlier preparation too) and count them; under --strict a fault stops everything here."""
+    """Decode the clips not cached yet and log every media fault (earlier ones too); --strict stops at one."""
     media = MediaCache(cfg)
     everything = [u for utts in splits.values() for u in utts]
     counts = media.prepare(everything, cfg.workers, cfg.quiet)
     faults = {"audio": 0, "video": 0}
     for u in everything:
-        errors = {kind: media.location(kind, u).with_suffix(".err") for kind in ("audio", "video")}
-        reasons = {kind: error.read_text() for kind, error in errors.items() if error.exists()}
+        reasons = {kind: error.read_text() for kind in faults
+                   if (error := media.location(kind, u).with_suffix(".err")).exists()}
         for kind in reasons:
             faults[kind] += 1
         if len(reasons) == 2 and u.audio == u.video and len(set(reasons.values())) == 1:
@@ -1754,35 +1737,29 @@ def prepare_media(cfg: Config, splits: dict) -> MediaCache:
     return media
 
 
-def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
+def train_students(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> None:
     """Phase 2: the audio, then the visual student, each distilled from the frozen teacher."""
     # The frozen teacher's (F_T, z_T), computed once: in eval mode, what it would give at every step.
     teacher = frozen_outputs(cfg, rt, run, {"train": splits["train"]}, encoders=("teacher",))["train"]
     t_features, t_logits = teacher["f_teacher"].to(rt.device), teacher["z_teacher"].to(rt.device)
-    # D14: the official code trains both students with one gradient scaler: the visual student's
-    # first steps use the loss scale the audio student's last steps left.
+    # D14: one gradient scaler for both students, as in the official code: the visual starts at the audio's last scale.
     scaler = rt.grad_scaler("audio") if cfg.official_precision else None
-    if scaler is not None and phase_complete(run, "audio"):  # resumed after the audio student
-        state = json.loads(complete_marker(run, "audio").read_text()).get("scaler")
-        if state:
-            scaler.load_state_dict(state)
-    results = {}
-    for kind, phase, name, forward in (("audio", "audio", cfg.audio_model, audio_forward),
-                                       ("video", "visual", cfg.video_model, video_forward)):
+    if scaler is not None and phase_complete(run, "audio") and (  # resumed after the audio student
+            state := json.loads(complete_marker(run, "audio").read_text()).get("scaler")):
+        scaler.load_state_dict(state)
+    for phase, kind in STUDENT_MEDIA.items():
         if phase_complete(run, phase):  # done before an interruption (train --resume)
             continue
         transformers.set_seed(cfg.seed)
-        encoder = pretrained_encoder(name, cfg, kind)
-        image_stats = image_statistics(name) if kind == "video" else None
+        encoder = pretrained_encoder(getattr(cfg, f"{kind}_model"), cfg, kind)
+        image_stats = image_statistics(cfg.video_model) if kind == "video" else None
         save_encoder_config(run, kind, encoder, image_stats)
         student = build_student(kind, encoder, len(EMOTIONS[cfg.dataset]), cfg.official_audio_pooling).to(rt.device)
         collate = make_collate(cfg, image_stats=image_stats)
         loaders = {split: make_loader(UtteranceDataset(utts, media=media, kinds=(kind,)), cfg, rt, collate,
                                       shuffle=split == "train", seed=cfg.seed) for split, utts in splits.items()}
-        loss_fn = student_step_loss(host_time_masks(encoder, forward) if kind == "audio" else forward,
-                                    t_features, t_logits, cfg)
-        results[phase] = fit(phase, student, loaders, forward, loss_fn, cfg.epochs[1], cfg.lr[1], cfg, rt, run, scaler)
-    return results
+        loss_fn = student_step_loss(host_time_masks(encoder, FORWARDS[phase]), t_features, t_logits, cfg)
+        fit(phase, student, loaders, FORWARDS[phase], loss_fn, cfg.epochs[1], cfg.lr[1], cfg, rt, run, scaler)
 
 
 def student_step_loss(forward, t_features: torch.Tensor, t_logits: torch.Tensor, cfg: Config):
@@ -1809,25 +1786,22 @@ class FeatureDataset(Dataset):
 
 def frozen_outputs(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache | None = None,
                    encoders=("teacher", "audio", "visual")) -> dict:
-    """For each split: the features F_<phase> and logits z_<phase> of the frozen `encoders`, computed
-    once (`media` prepared here unless given or only the teacher runs)."""
+    """Each split's labels and the frozen `encoders`' features F_<phase> and logits z_<phase>, computed once."""
     if media is None and set(encoders) - {"teacher"}:
         media = prepare_media(cfg, splits)
     teacher, tokenizer = load_teacher(run, cfg, rt)
     image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in encoders else None
     collate = make_collate(cfg, tokenizer.pad_token_id, image_stats)
     outputs = {split: {"label": torch.tensor([u.label for u in utts])} for split, utts in splits.items()}
-    for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
-        if phase not in encoders:
-            continue
+    for phase in encoders:
         model = teacher if phase == "teacher" else load_student(run, STUDENT_MEDIA[phase], cfg, rt)
         for split, utts in splits.items():
             dataset = (teacher_dataset(cfg, tokenizer, utts) if phase == "teacher" else
                        UtteranceDataset(utts, media=media, kinds=(STUDENT_MEDIA[phase],)))
             loader = make_loader(dataset, cfg, rt, collate, shuffle=False)
-            # D14: a training step reads the train split's outputs; dev and test are evaluation.
+            use = "frozen" if split == "train" else "eval"  # D14: a training step reads the train split's outputs
             outputs[split][f"f_{phase}"], outputs[split][f"z_{phase}"] = run_model(
-                model, loader, forward, rt, cfg.quiet, f"{phase} {split}", "frozen" if split == "train" else "eval")
+                model, loader, FORWARDS[phase], rt, cfg.quiet, f"{phase} {split}", use)
         del model
     return outputs
 
@@ -1836,54 +1810,45 @@ def fusion_forward(model, batch):
     return None, model(batch["f_teacher"], batch["f_audio"], batch["f_visual"])
 
 
+def fusion_loss(model, batch):
+    return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
+
+
 def train_fusion(cfg: Config, rt: Runtime, run: Path, splits: dict, media: MediaCache) -> dict:
-    """Phase 3: the shifting fusion on the frozen encoders' features (cached, since all are frozen;
-    D15: the training batches' recomputed in each batch)."""
+    """Phase 3: the shifting fusion on the frozen encoders' features, computed once (D15: per training batch)."""
     if not cfg.official_fusion_batches:
         return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, splits, media), cfg.epochs[2])
-    evaluated = {split: utts for split, utts in splits.items() if split != "train"}
-    return fit_fusion(cfg, rt, run, frozen_outputs(cfg, rt, run, evaluated, media), cfg.epochs[2],
-                      per_batch_features(cfg, rt, run, splits["train"], media))
+    outputs = frozen_outputs(cfg, rt, run, {split: utts for split, utts in splits.items() if split != "train"}, media)
+    loader, features = per_batch_features(cfg, rt, run, splits["train"], media)
+    return fit_fusion(cfg, rt, run, outputs, cfg.epochs[2], loader,
+                      lambda model, batch: fusion_loss(model, batch | features(batch)))
 
 
 def per_batch_features(cfg: Config, rt: Runtime, run: Path, utterances: list[Utterance], media: MediaCache):
-    """D15: the official fusion training runs the frozen encoders inside each shuffled batch (under D3
-    a clip's F_A depends on its batch mates). Returns the dataset of prompts and media, its collate,
-    and the function giving a batch's F_T, F_A, F_V."""
+    """D15: the official fusion training runs the frozen encoders in each shuffled batch (under D3 a clip's F_A
+    depends on its batch mates): the loader of prompts and media, and a batch's F_T, F_A, F_V."""
     teacher, tokenizer = load_teacher(run, cfg, rt)
-    audio, visual = load_student(run, "audio", cfg, rt), load_student(run, "video", cfg, rt)
+    models = {"teacher": teacher, **{phase: load_student(run, kind, cfg, rt) for phase, kind in STUDENT_MEDIA.items()}}
     dataset = teacher_dataset(cfg, tokenizer, utterances, media=media, kinds=("audio", "video"))
     collate = make_collate(cfg, tokenizer.pad_token_id, image_statistics(str(encoder_dir(run, "video"))))
 
     @torch.no_grad()
     def features(batch: dict) -> dict:
         with rt.autocast("frozen"):
-            return {f"f_{phase}": forward(model, batch)[0].float() for phase, model, forward in
-                    (("teacher", teacher, text_forward), ("audio", audio, audio_forward),
-                     ("visual", visual, video_forward))}
-    return dataset, collate, features
+            return {f"f_{phase}": FORWARDS[phase](model, batch)[0].float() for phase, model in models.items()}
+    return make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed), features
 
 
-def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int, recompute=None) -> dict:
-    """The shifting fusion trained on each split's features (F_T, F_A, F_V) and labels; `recompute`
-    (D15): per_batch_features for the train split, which `outputs` then lacks."""
+def fit_fusion(cfg: Config, rt: Runtime, run: Path, outputs: dict, epochs: int, train_loader=None,
+               loss_fn=fusion_loss) -> dict:
+    """The shifting fusion trained on `outputs`' features and labels; D15: `train_loader` for the train split."""
     transformers.set_seed(cfg.seed)
     fusion = build_fusion(cfg).to(rt.device)
     loaders = {split: make_loader(FeatureDataset(out), cfg, rt, None, shuffle=split == "train", seed=cfg.seed)
                for split, out in outputs.items()}
-    loss_fn = fusion_loss
-    if recompute is not None:  # D15
-        dataset, collate, features = recompute
-        loaders["train"] = make_loader(dataset, cfg, rt, collate, shuffle=True, seed=cfg.seed)
-
-        def recomputed_fusion_loss(model, batch):
-            return fusion_loss(model, {**batch, **features(batch)})
-        loss_fn = recomputed_fusion_loss
+    if train_loader is not None:
+        loaders["train"] = train_loader
     return fit("fusion", fusion, loaders, fusion_forward, loss_fn, epochs, cfg.lr[2], cfg, rt, run)
-
-
-def fusion_loss(model, batch):
-    return F.cross_entropy(fusion_forward(model, batch)[1].float(), batch["label"])
 
 
 # The phases each value of `train --phase` runs.
@@ -1892,30 +1857,24 @@ PHASE_GROUPS = {"teacher": ("teacher",), "students": ("audio", "visual"), "fusio
 
 
 def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the phases of `phase` (teacher, students, fusion or all) into cfg.out, every input checked
-    before anything is written. Phases the run holds (weights or checkpoint, theirs or a later phase's)
-    need `resume` (complete ones skipped, an interrupted one continued from its last checkpoint) or
-    `overwrite` (trained anew; old weights go once new ones exist). The next phase needs neither."""
+    """Train the phases of `phase` (teacher, students, fusion or all) into cfg.out, every input checked first.
+    Weights or checkpoints of these or later phases need `resume` (continue) or `overwrite` (train anew)."""
     run = Path(cfg.out)
     first = PHASES.index(PHASE_GROUPS[phase][0])
-    # A later phase reads the earlier phases' weights: say so before anything is decoded or written.
     untrained = [p for p in PHASES[:first] if not weights_path(run, p).is_file()]
-    if untrained:
-        raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs "
-                         f"them: train the earlier phases first")
+    if untrained:  # a later phase reads the earlier phases' weights: say so before decoding or writing anything
+        raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs them first")
     if resume and overwrite:
         raise SystemExit("telme: --resume continues a run, --overwrite starts its phases anew: give one")
     held = [p for p in PHASES[first:] if weights_path(run, p).is_file() or checkpoint_path(run, p).is_file()]
     if held and not (resume or overwrite):
-        raise SystemExit(f"telme: {run} already holds {', '.join(held)} weights or checkpoints; "
-                         f"--resume {run} continues that run, --overwrite trains --phase {phase} anew "
-                         "(and removes the phases trained on it)")
+        raise SystemExit(f"telme: {run} already holds {', '.join(held)} weights or checkpoints; --resume {run} "
+                         f"continues that run, --overwrite trains --phase {phase} anew (and removes later phases)")
     rt = make_runtime(cfg)
     splits = load_splits(cfg)
     log(f"telme: {cfg.dataset} " + ", ".join(f"{s} {len(u)}" for s, u in splits.items())
         + f" utterances; device {rt.device}; run {run}")
-    # A phase still to train takes along the complete phases built on it: an --overwrite stopped
-    # before its first new weights leaves them marked complete, yet its new weights will remove them.
+    # The complete phases built on a phase to train go too: its new weights remove them (an interrupted --overwrite).
     todo = []
     for p in PHASE_GROUPS[phase]:
         if not (resume and phase_complete(run, p)) or any(p in DEPENDENT_PHASES[q] for q in todo):
@@ -1923,10 +1882,8 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     for p, flag in (("teacher", "text_model"), ("audio", "audio_model"), ("visual", "video_model")):
         if p in todo:  # the pretrained encoders the phases to train start from
             check_model("--" + flag.replace("_", "-"), getattr(cfg, flag))
-    # Media decoded once, if a phase to train reads any; under --strict a fault stops here, before RUN changes.
-    media = prepare_media(cfg, splits) if set(todo) - {"teacher"} else None
-    # Every input checked: from here on the run directory changes.
-    if is_main_process():
+    media = prepare_media(cfg, splits) if set(todo) - {"teacher"} else None  # decoded once; --strict stops on a fault
+    if is_main_process():  # every input checked: from here on the run directory changes
         run.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_run_config(cfg, rt, run)
@@ -1934,11 +1891,9 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
                 checkpoint_path(run, p).unlink(missing_ok=True)
                 complete_marker(run, p).unlink(missing_ok=True)
     if resume:
-        skipped = [p for p in PHASE_GROUPS[phase] if p not in todo]
-        log(f"telme: resuming {run}; complete: {', '.join(skipped) or 'none'}")
+        log(f"telme: resuming {run}; complete: {', '.join(p for p in PHASE_GROUPS[phase] if p not in todo) or 'none'}")
     barrier()  # every rank sees the same checkpoints when deciding what to skip
     if "teacher" in todo:
-        transformers.set_seed(cfg.seed)
         train_teacher(cfg, rt, run, splits)
     if "audio" in todo or "visual" in todo:
         train_students(cfg, rt, run, splits, media)
@@ -1948,8 +1903,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
 
 
 def git_commit() -> str | None:
-    """The commit of the code that runs, "-dirty" when tracked files differ from it; in an image
-    without .git, $TELME_GIT_COMMIT (a build argument of the Dockerfile)."""
+    """The code's commit, "-dirty" if tracked files differ; $TELME_GIT_COMMIT (the Dockerfile's) without .git."""
     if os.environ.get("TELME_GIT_COMMIT"):
         return os.environ["TELME_GIT_COMMIT"]
 

@@ -1822,7 +1822,8 @@ def test_d15_fusion_features_per_batch_depend_on_batch_mates_under_d3(demo_run):
     utterances = telme.load_splits(cfg)["dev"][:8]
     media = telme.MediaCache(cfg)
     cached = telme.frozen_outputs(cfg, rt, demo_run, {"dev": utterances}, media)["dev"]
-    dataset, collate, features = telme.per_batch_features(cfg, rt, demo_run, utterances, media)
+    loader, features = telme.per_batch_features(cfg, rt, demo_run, utterances, media)
+    dataset, collate = loader.dataset, loader.collate_fn
     # A shuffled batch without the longest clip: its mates pad it less than the fixed batches did.
     lengths = [len(dataset[i]["audio"]) for i in range(len(dataset))]
     order = sorted(range(len(dataset)), key=lengths.__getitem__)[:4][::-1]
