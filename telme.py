@@ -2359,7 +2359,8 @@ def dataset_labels(dataset) -> np.ndarray:
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
     """One phase's entry of metrics.json (README: Using a run); a split that is not there scores None."""
-    return {**{f"{split}_wf1": reports[split]["wf1"] if split in reports else None for split in ("dev", "test")},
+    return {"dev_wf1": reports["dev"]["wf1"] if "dev" in reports else None,
+            "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
             "best_epoch": best_epoch,
             "per_class": {split: r["per_class"] for split, r in reports.items()},
             "confusion": {split: r["confusion"] for split, r in reports.items()}}
@@ -2414,8 +2415,8 @@ def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
 def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
              out: Path | None = None, **overrides) -> dict:
     """Every trained phase's metrics, recomputed from its saved weights on the dev and test splits
-    there are: metrics.json, report.md, confusion.png and predictions.csv in the run, or in `out`,
-    which data other than the run's needs. `overrides`: data_dir, cache_dir, device (another machine)."""
+    there are: metrics.json, report.md, confusion.png, predictions.csv in the run, or in `out` (needed
+    for other data: the run keeps its own record). `overrides`: data_dir, cache_dir, device (a move)."""
     saved = read_run_config(run)
     cfg = dataclasses.replace(saved, quiet=quiet, **overrides)
     rt = make_runtime(cfg)
@@ -2468,7 +2469,7 @@ PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion
              "iemocap": {"fusion": 70.48}}
 
 
-def score(wf1: float | None) -> str:
+def wf1_cell(wf1: float | None) -> str:
     return f"{wf1:.2f}" if wf1 is not None else "n/a"
 
 
@@ -2487,7 +2488,7 @@ def write_report(target: Path, results: dict, dataset: str, split: str, run: Pat
     run = run or target
     final = list(results)[-1]  # the last trained phase: fusion once the run is complete
     paper = PAPER_WF1.get(dataset, {})
-    phases = [[phase, m["best_epoch"], score(m["dev_wf1"]), score(m["test_wf1"]),
+    phases = [[phase, m["best_epoch"], wf1_cell(m["dev_wf1"]), wf1_cell(m["test_wf1"]),
                f"{paper[phase]:.2f}" if phase in paper else ""] for phase, m in results.items()]
     lines = [f"# telme report: {run.name}", "",
              f"Dataset `{dataset}`" + (f", data `{data_dir}`" if data_dir else "")
@@ -2527,8 +2528,7 @@ def confusion_png(counts: np.ndarray, shares: np.ndarray, classes: list[str]) ->
     font = ImageFont.load_default(size=CONFUSION_FONT_SIZE)
     cell, pad = CONFUSION_CELL, CONFUSION_FONT_SIZE // 2
     margin = 3 * pad + max(math.ceil(font.getlength(name)) for name in classes + ["predicted"])
-    size = margin + len(classes) * cell
-    image = Image.new("RGB", (size, size), "white")
+    image = Image.new("RGB", (margin + len(classes) * cell,) * 2, "white")
     draw = ImageDraw.Draw(image)
     draw.text((margin - pad, pad), "predicted", fill="black", font=font, anchor="ra")  # the corner:
     draw.text((pad, margin - pad), "true", fill="black", font=font, anchor="ld")  # what each edge holds
@@ -2560,7 +2560,8 @@ def print_per_class(results: dict, split: str) -> None:
 
 
 def print_summary(results: dict) -> None:
-    rows = [[f"{phase:8s}", f"{score(m['dev_wf1']):>8}", f"{score(m['test_wf1']):>9}"] for phase, m in results.items()]
+    rows = [[f"{phase:8s}", f"{wf1_cell(m['dev_wf1']):>8}", f"{wf1_cell(m['test_wf1']):>9}"]
+            for phase, m in results.items()]
     print("\n" + md_table([f"{'phase':8s}", "dev W-F1", "test W-F1"], rows))
 
 
@@ -2591,8 +2592,7 @@ class Predictor:
     """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict`
     uses it too):
 
-        from telme import Predictor
-        model = Predictor("runs/meld")                 # device="auto"
+        model = telme.Predictor("runs/meld")           # device="auto"
         result = model.predict("Oh my God!", history=[("Ross", "Hi.")], speaker="Rachel",
                                video="clip.mp4")       # audio: the clip's own sound unless given
         result["prediction"], result["probabilities"]  # the fusion's class and its distribution
@@ -2694,11 +2694,6 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 
 
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
-# What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
-SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
-                     "compile", "compile_mode", "text_bucket"}
-
-
 def summarize(runs: list[Path], out: Path) -> dict:
     """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
     values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
@@ -2715,8 +2710,10 @@ def summarize(runs: list[Path], out: Path) -> dict:
         if earlier:
             raise SystemExit(f"telme: {run} repeats {runs[earlier[0]]} (seed {seeds[i]}); summarize "
                              "takes each seed's run once")
+        # Runs of one recipe differ in their seed, and where and how they ran (what a resume may change).
         differ = sorted(k for k in set(config["config"]) | set(configs[0]["config"])
-                        if k not in SEED_SUMMARY_FREE and config["config"].get(k) != configs[0]["config"].get(k))
+                        if k not in ("seed", "out", *RESUME_OVERRIDES)
+                        and config["config"].get(k) != configs[0]["config"].get(k))
         if differ:
             raise SystemExit(f"telme: {run} and {runs[0]} differ in {', '.join(differ)}; summarize "
                              "averages runs that differ in their seed alone")
@@ -2736,7 +2733,6 @@ def summarize(runs: list[Path], out: Path) -> dict:
             entry[metric] = {"mean": statistics.fmean(values) if values else None,
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
         summary["phases"][phase] = entry
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print_seed_summary(summary)
     return summary
@@ -2813,12 +2809,10 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
     classes = len(EMOTIONS[cfg.dataset])
     tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
     add_speaker_tokens(tokenizer)
-    text_config = encoder_config(cfg.text_model, cfg, "text")
-    text_config.vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
+    configs = {kind: encoder_config(getattr(cfg, f"{kind}_model"), cfg, kind) for kind in ("text", "audio", "video")}
+    configs["text"].vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
     with torch.device("meta"):  # shapes only, no memory: every weight comes from the files
-        encoders = {"text": AutoModel.from_config(text_config),
-                    "audio": AutoModel.from_config(encoder_config(cfg.audio_model, cfg, "audio")),
-                    "video": AutoModel.from_config(encoder_config(cfg.video_model, cfg, "video"))}
+        encoders = {kind: AutoModel.from_config(config) for kind, config in configs.items()}
         models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
                   "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
                   "visual": build_student("video", encoders["video"], classes),
