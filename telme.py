@@ -2628,9 +2628,8 @@ class Predictor:
             try:
                 item[kind] = decode_media(kind, path, None, None, self.settings[kind])
             except MediaError as error:
-                # A clip without a sound track is a clip, not a bad file: its audio goes in as zeros.
-                named = kind == "video" or audio is not None
-                if named and not self.missing_as_zeros:
+                # A named file stops here; a clip without a sound track is not a bad file: its audio is zeros.
+                if (kind == "video" or audio is not None) and not self.missing_as_zeros:
                     raise SystemExit(f"telme: {path}: {error} (--missing-as-zeros: zeros in its place)") from None
                 missing[kind] = f"{path}: {error}"
         return item, missing
