@@ -1940,8 +1940,7 @@ def read_run_config(run: Path) -> Config:
 # 6. Evaluation
 # ==================================================================================================
 def split_scores(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -> dict:
-    """One split's scores: weighted F1 (x100, the paper's metric), per-class precision/recall/F1 and
-    the confusion matrix."""
+    """One split's weighted F1 (x100, the paper's metric), per-class precision/recall/F1, confusion matrix."""
     predictions = logits.argmax(-1).numpy()
     everything = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -1973,8 +1972,7 @@ def phase_metrics(reports: dict, best_epoch: int) -> dict:
 
 def update_metrics(run: Path, phase: str, metrics: dict) -> None:
     path = run / "metrics.json"
-    everything = json.loads(path.read_text()) if path.is_file() else {}
-    everything[phase] = metrics
+    everything = (json.loads(path.read_text()) if path.is_file() else {}) | {phase: metrics}
     everything = {p: everything[p] for p in PHASES if p in everything}
     atomic_write(path, lambda f: f.write(json.dumps(everything, indent=2).encode()))
 
@@ -2005,8 +2003,8 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
 
 
 def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
-    """Whether `data_dir` holds the data the run was trained on: the same folder, or, where that
-    folder is gone (the data moved), the same class counts per split as the run's metrics.json."""
+    """Whether `data_dir` holds the run's training data: the same folder or, where that one is gone
+    (the data moved), the same class counts per split as the run's metrics.json."""
     if Path(data_dir).resolve() == Path(saved.data_dir).resolve():
         return True
     if Path(saved.data_dir).exists() or not (run / "metrics.json").is_file():
@@ -2020,11 +2018,9 @@ def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
 
 def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
              out: Path | None = None, **overrides) -> dict:
-    """Recompute every trained phase's metrics from its saved weights on the dev and test splits
-    there are; write metrics.json, report.md (with confusion.png) and predictions.csv into the run,
-    or into `out`. `overrides`: data_dir, cache_dir or device, where they are not those of the
-    run's config.json (another machine, a moved dataset). Other data than the run's needs `out`:
-    the run's own record is never replaced by figures on other data."""
+    """Every trained phase's metrics, recomputed from its saved weights on the dev and test splits
+    there are: metrics.json, report.md, confusion.png, predictions.csv in the run, or in `out` (needed
+    for other data: the run keeps its own record). `overrides`: data_dir, cache_dir, device (a move)."""
     saved = read_run_config(run)
     cfg = dataclasses.replace(saved, quiet=quiet, **overrides)
     rt = make_runtime(cfg)
@@ -2037,10 +2033,9 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
     outputs = eval_outputs(run, cfg, rt, splits)
     results = {}
     for phase in trained_phases(run):
-        reports = {s: split_scores(out[f"z_{phase}"], out["label"].numpy(), classes)
-                   for s, out in outputs.items()}
-        metadata = safetensors_metadata(weights_path(run, phase))
-        results[phase] = phase_metrics(reports, int(metadata.get("best_epoch", 0)))
+        reports = {s: split_scores(o[f"z_{phase}"], o["label"].numpy(), classes) for s, o in outputs.items()}
+        best_epoch = int(safetensors_metadata(weights_path(run, phase)).get("best_epoch", 0))
+        results[phase] = phase_metrics(reports, best_epoch)
     if is_main_process():
         if target == run:
             for phase, metrics in results.items():
@@ -2048,7 +2043,7 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
         else:
             atomic_write(target / "metrics.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
         if per_class:
-            print_per_class(results, classes, split)
+            print_per_class(results, split)
         write_report(target, results, cfg.dataset, split if split in splits else next(iter(splits)),
                      run=run, data_dir=cfg.data_dir)
         write_predictions(target / "predictions.csv", splits, outputs, classes)
@@ -2056,22 +2051,19 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
 
 
 def write_predictions(path: Path, splits: dict, outputs: dict, classes: list[str], labelled: bool = True) -> None:
-    """One row per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label
-    (empty where unknown), then each phase's predicted label and class probabilities; for error
-    analysis and significance tests."""
+    """Per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label (or empty),
+    then each phase's predicted class and probabilities; for error analysis and significance tests."""
     phases = [p for p in PHASES if f"z_{p}" in next(iter(outputs.values()))]
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["split", "dialogue", "utterance", "speaker", "text", "label"]
                     + [f"{p}_{c}" for p in phases for c in ("prediction", *classes)])
     for split, utts in splits.items():
-        probabilities = {p: F.softmax(outputs[split][f"z_{p}"].float(), -1) for p in phases}
+        probabilities = [F.softmax(outputs[split][f"z_{p}"].float(), -1) for p in phases]
         for i, u in enumerate(utts):
-            row = [split, u.dialogue, Path(u.audio or u.video).stem, u.speaker, u.text,
-                   classes[u.label] if labelled else ""]
-            for p in phases:
-                row += [classes[int(probabilities[p][i].argmax())], *(f"{x:.6f}" for x in probabilities[p][i].tolist())]
-            writer.writerow(row)
+            predicted = [[classes[int(q[i].argmax())], *(f"{x:.6f}" for x in q[i].tolist())] for q in probabilities]
+            writer.writerow([split, u.dialogue, Path(u.audio or u.video).stem, u.speaker, u.text,
+                             classes[u.label] if labelled else "", *itertools.chain(*predicted)])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
@@ -2081,45 +2073,49 @@ PAPER_WF1 = {"meld": {"teacher": 66.57, "audio": 46.60, "visual": 36.72, "fusion
              "iemocap": {"fusion": 70.48}}
 
 
+def wf1_cell(wf1: float | None) -> str:
+    return f"{wf1:.2f}" if wf1 is not None else "n/a"
+
+
+def md_table(header: list[str], rows: list[list], rule: str = "") -> str:
+    """A markdown table; under the header, `rule` or dashes as wide as the (padded) header cell."""
+    lines = ["| " + " | ".join(map(str, cells)) + " |" for cells in (header, *rows)]
+    lines.insert(1, "|" + "|".join(rule or "-" * (len(h) + 2) for h in header) + "|")
+    return "\n".join(lines)
+
+
 def write_report(target: Path, results: dict, dataset: str, split: str, run: Path | None = None,
                  data_dir: str = "") -> None:
-    """TARGET/report.md: the per-phase comparison, then per-class scores and the confusion matrix
-    (counts, row-normalised, and TARGET/confusion.png) of the final phase on `split`. `run`, the
-    run whose weights were scored, is `target` unless eval wrote elsewhere (--out)."""
+    """TARGET/report.md: the phases, then the final phase's per-class scores and confusion matrix on
+    `split` (also as TARGET/confusion.png). `run`, whose weights were scored, is `target` unless --out."""
     classes = EMOTIONS[dataset]
     run = run or target
     final = list(results)[-1]  # the last trained phase: fusion once the run is complete
     paper = PAPER_WF1.get(dataset, {})
+    phases = [[phase, m["best_epoch"], wf1_cell(m["dev_wf1"]), wf1_cell(m["test_wf1"]),
+               f"{paper[phase]:.2f}" if phase in paper else ""] for phase, m in results.items()]
     lines = [f"# telme report: {run.name}", "",
              f"Dataset `{dataset}`" + (f", data `{data_dir}`" if data_dir else "")
              + (f", weights of run `{run}`" if run != target else "")
              + "; weighted F1 x100, each phase at the epoch with the best dev "
              "weighted F1. Written by `telme.py eval` from the saved weights.", "",
              "## Phases", "",
-             "| phase | best epoch | dev W-F1 | test W-F1 | paper test W-F1 |",
-             "|---|---|---|---|---|"]
-    for phase, m in results.items():
-        dev, test = (f"{m[k]:.2f}" if m[k] is not None else "n/a" for k in ("dev_wf1", "test_wf1"))
-        reference = f"{paper[phase]:.2f}" if phase in paper else ""
-        lines.append(f"| {phase} | {m['best_epoch']} | {dev} | {test} | {reference} |")
+             md_table(["phase", "best epoch", "dev W-F1", "test W-F1", "paper test W-F1"], phases, "---")]
     if paper:
         lines += ["", f"The paper's figures are on the released {dataset.upper()} test split; "
                   "they compare with ours only when this run trained on that data."]
-    per_class = results[final]["per_class"][split]
-    lines += ["", f"## {final}, {split} split: per class", "",
-              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {c} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} | {r['support']} |"
-              for c, r in per_class.items()]
+    per_class = [[c, *(f"{r[k]:.2f}" for k in ("precision", "recall", "f1")), r["support"]]
+                 for c, r in results[final]["per_class"][split].items()]
     counts = np.array(results[final]["confusion"][split])
     normalised = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # rows: true classes
-    header = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    lines += ["", f"## {final}, {split} split: confusion matrix (rows true, columns predicted)", "",
-              "Counts:", "", *header]
-    lines += [f"| {c} | " + " | ".join(str(n) for n in row) + " |" for c, row in zip(classes, counts)]
-    lines += ["", "Row-normalised (% of each true class):", "", *header]
-    lines += [f"| {c} | " + " | ".join(f"{100 * x:.1f}" for x in row) + " |"
-              for c, row in zip(classes, normalised)]
-    lines += ["", "![confusion matrix](confusion.png)", "",
+    header = ["true \\ predicted", *classes]
+    lines += ["", f"## {final}, {split} split: per class", "",
+              md_table(["class", "precision", "recall", "F1", "support"], per_class, "---"),
+              "", f"## {final}, {split} split: confusion matrix (rows true, columns predicted)", "",
+              "Counts:", "", md_table(header, [[c, *row] for c, row in zip(classes, counts)], "---"),
+              "", "Row-normalised (% of each true class):", "",
+              md_table(header, [[c, *(f"{100 * x:.1f}" for x in row)] for c, row in zip(classes, normalised)], "---"),
+              "", "![confusion matrix](confusion.png)", "",
               "In the image, the shade is the row-normalised share, the number the count.", ""]
     atomic_write(target / "confusion.png", lambda f: f.write(confusion_png(counts, normalised, classes)))
     atomic_write(target / "report.md", lambda f: f.write("\n".join(lines).encode()))
@@ -2136,8 +2132,7 @@ def confusion_png(counts: np.ndarray, shares: np.ndarray, classes: list[str]) ->
     font = ImageFont.load_default(size=CONFUSION_FONT_SIZE)
     cell, pad = CONFUSION_CELL, CONFUSION_FONT_SIZE // 2
     margin = 3 * pad + max(math.ceil(font.getlength(name)) for name in classes + ["predicted"])
-    size = margin + len(classes) * cell
-    image = Image.new("RGB", (size, size), "white")
+    image = Image.new("RGB", (margin + len(classes) * cell,) * 2, "white")
     draw = ImageDraw.Draw(image)
     draw.text((margin - pad, pad), "predicted", fill="black", font=font, anchor="ra")  # the corner:
     draw.text((pad, margin - pad), "true", fill="black", font=font, anchor="ld")  # what each edge holds
@@ -2159,23 +2154,19 @@ def confusion_png(counts: np.ndarray, shares: np.ndarray, classes: list[str]) ->
     return buffer.getvalue()
 
 
-def print_per_class(results: dict, classes: list[str], split: str) -> None:
+def print_per_class(results: dict, split: str) -> None:
     for phase, m in results.items():
-        if split not in m["per_class"]:
-            continue
-        print(f"\n{phase} ({split}, best epoch {m['best_epoch']})")
-        print(f"  {'class':10s} {'prec':>6s} {'recall':>6s} {'f1':>6s} {'support':>7s}")
-        for c in classes:
-            r = m["per_class"][split][c]
-            print(f"  {c:10s} {r['precision']:6.2f} {r['recall']:6.2f} {r['f1']:6.2f} {r['support']:7d}")
+        if split in m["per_class"]:
+            print(f"\n{phase} ({split}, best epoch {m['best_epoch']})")
+            print(f"  {'class':10s} {'prec':>6s} {'recall':>6s} {'f1':>6s} {'support':>7s}")
+            for c, r in m["per_class"][split].items():
+                print(f"  {c:10s} {r['precision']:6.2f} {r['recall']:6.2f} {r['f1']:6.2f} {r['support']:7d}")
 
 
 def print_summary(results: dict) -> None:
-    print(f"\n| {'phase':8s} | dev W-F1 | test W-F1 |\n|----------|----------|-----------|")
-    for phase, m in results.items():
-        dev, test = (f"{m[k]:{w}.2f}" if m[k] is not None else f"{'n/a':>{w}s}"
-                     for k, w in (("dev_wf1", 8), ("test_wf1", 9)))
-        print(f"| {phase:8s} | {dev} | {test} |")
+    rows = [[f"{phase:8s}", f"{wf1_cell(m['dev_wf1']):>8}", f"{wf1_cell(m['test_wf1']):>9}"]
+            for phase, m in results.items()]
+    print("\n" + md_table([f"{'phase':8s}", "dev W-F1", "test W-F1"], rows))
 
 
 # --- Inference: one new utterance, from its clip, its text and the dialogue so far ----------------
@@ -2205,15 +2196,13 @@ class Predictor:
     """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict`
     uses it too):
 
-        from telme import Predictor
-        model = Predictor("runs/meld")                 # device="auto"
+        model = telme.Predictor("runs/meld")           # device="auto"
         result = model.predict("Oh my God!", history=[("Ross", "Hi.")], speaker="Rachel",
                                video="clip.mp4")       # audio: the clip's own sound unless given
         result["prediction"], result["probabilities"]  # the fusion's class and its distribution
 
-    A file that is named but cannot be decoded stops with a one-line error, unless
-    `missing_as_zeros` puts zeros in its place, as training does for an undecodable clip.
-    """
+    A named file that cannot be decoded stops with a one-line error, unless `missing_as_zeros` puts
+    zeros in its place, as training does for an undecodable clip."""
 
     def __init__(self, run, device: str = "auto", missing_as_zeros: bool = False):
         self.run = Path(run)
@@ -2222,10 +2211,8 @@ class Predictor:
         self.missing_as_zeros = missing_as_zeros
         self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(self.run)
         self.teacher, self.tokenizer = load_teacher(self.run, self.cfg, self.rt)
-        self.models = {"teacher": self.teacher}
-        for phase, kind in STUDENT_MEDIA.items():
-            if phase in self.trained:
-                self.models[phase] = load_student(self.run, kind, self.cfg, self.rt)
+        self.models = {"teacher": self.teacher} | {phase: load_student(self.run, kind, self.cfg, self.rt)
+                                                   for phase, kind in STUDENT_MEDIA.items() if phase in self.trained}
         self.fusion = load_fusion(self.run, self.cfg, self.rt) if "fusion" in self.trained else None
         self.image_stats = (image_statistics(str(encoder_dir(self.run, "video")))
                             if "visual" in self.trained else None)
@@ -2233,69 +2220,58 @@ class Predictor:
 
     def media(self, video: str | None, audio: str | None) -> tuple[dict, dict]:
         """The decoded inputs and {kind: why it is zeros} for the modalities that are."""
-        item, missing = {}, {}
+        item, missing = {"video": None, "audio": None}, {}
         for kind, path in (("video", video), ("audio", audio or video)):  # the clip's own sound by default
             if path and os.path.isdir(path):
                 raise SystemExit(f"telme: {path}: is a directory, not a {kind} file")
             if path and not os.path.isfile(path):
                 raise SystemExit(f"telme: {path} not found")
-            item[kind] = None
             if not path:
                 missing[kind] = "no file given"
                 continue
             try:
                 item[kind] = decode_media(kind, path, None, None, self.settings[kind])
             except MediaError as error:
-                # A clip without a sound track is a clip, not a bad file: its audio goes in as zeros.
-                named = kind == "video" or audio is not None
-                if named and not self.missing_as_zeros:
+                # A named file stops here; a clip without a sound track is not a bad file: its audio is zeros.
+                if (kind == "video" or audio is not None) and not self.missing_as_zeros:
                     raise SystemExit(f"telme: {path}: {error} (--missing-as-zeros: zeros in its place)") from None
                 missing[kind] = f"{path}: {error}"
         return item, missing
 
     def predict(self, text: str, history=(), speaker: str = NEW_SPEAKER, video: str | None = None,
                 audio: str | None = None) -> dict:
-        """Every trained phase's class probabilities for one utterance, through the same prompt,
-        decoding and collation as training and eval. `history`: (speaker, utterance) pairs of the
-        dialogue so far. A modality without a file goes in as zeros."""
+        """Every trained phase's class probabilities for one utterance (prompt, decoding and collation
+        as in training and eval); `history`: the dialogue so far as (speaker, utterance) pairs. A
+        modality without a file goes in as zeros."""
         if not text.strip():
             raise SystemExit("telme: the utterance's text is empty; predict needs what is said")
-        cfg, rt = self.cfg, self.rt
-        item, missing = {"index": 0, "label": 0}, {}
-        if self.trained != ["teacher"]:
-            media, missing = self.media(video, audio)
-            item.update(media)
+        media, missing = self.media(video, audio) if self.trained != ["teacher"] else ({}, {})
         # The history and the new utterance form one dialogue; the prompt is built for its last turn.
-        turns = [*history, (speaker, text)]
-        utterances = [Utterance("predict", who, said, 0, video or "", audio or "") for who, said in turns]
-        item["input_ids"] = teacher_input_ids(utterances, self.tokenizer, cfg.max_text_tokens)[-1]
-        batch = to_device(make_collate(cfg, self.tokenizer.pad_token_id, self.image_stats)([item]), rt.device)
-        features, logits = {}, {}
-        with torch.no_grad():
+        utterances = [Utterance("predict", who, said, 0, video or "", audio or "")
+                      for who, said in [*history, (speaker, text)]]
+        item = {"index": 0, "label": 0, **media,
+                "input_ids": teacher_input_ids(utterances, self.tokenizer, self.cfg.max_text_tokens)[-1]}
+        collate = make_collate(self.cfg, self.tokenizer.pad_token_id, self.image_stats)
+        batch, features, logits = to_device(collate([item]), self.rt.device), {}, {}
+        with torch.no_grad(), self.rt.autocast("eval"):
             for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
                 if phase in self.models:
-                    with rt.autocast("eval"):
-                        f, z = forward(self.models[phase], batch)
-                    features[phase], logits[phase] = f.float(), z.float()
-            if self.fusion is not None:  # the students' features as eval feeds them: float32
-                inputs = {f"f_{phase}": features[phase] for phase in ("teacher", "audio", "visual")}
-                with rt.autocast("eval"):
-                    logits["fusion"] = fusion_forward(self.fusion, inputs)[1].float()
-        phases = {}
-        for phase, z in logits.items():
-            p = F.softmax(z[0], dim=-1).cpu()
-            phases[phase] = {"prediction": self.classes[int(p.argmax())],
-                             "probabilities": {c: float(p[i]) for i, c in enumerate(self.classes)}}
+                    f, z = forward(self.models[phase], batch)
+                    features[f"f_{phase}"], logits[phase] = f.float(), z.float()
+            if self.fusion is not None:  # the features as eval feeds them to the fusion: float32
+                logits["fusion"] = fusion_forward(self.fusion, features)[1].float()
+        probabilities = {phase: F.softmax(z[0], dim=-1).cpu() for phase, z in logits.items()}
+        phases = {phase: {"prediction": self.classes[int(p.argmax())],
+                          "probabilities": dict(zip(self.classes, p.tolist()))} for phase, p in probabilities.items()}
         final = self.trained[-1]  # the fusion once the run is complete
         return {"model": final, **phases[final], "missing": missing, "phases": phases}
 
 
 def predict_csv(run: Path, path: Path, clips: Path, out: Path, device: str = "auto", cache_dir: str = "",
                 missing_as_zeros: bool = False) -> None:
-    """Every utterance of a CSV in MELD's layout (Emotion optional; clips dia<D>_utt<U>.mp4 in
-    `clips`), each with its dialogue's earlier rows as history, into predictions.csv's format at
-    `out`. Models and decoding are eval's: each model loaded once, clips through the media cache;
-    an undecodable clip stops the run, or, with `missing_as_zeros`, goes in as zeros."""
+    """Every utterance of a CSV in MELD's layout (Emotion optional; clips dia<D>_utt<U>.mp4 in `clips`),
+    its dialogue's earlier rows as history, into predictions.csv's format at `out`, through eval's
+    models and media cache; an undecodable clip stops it, unless `missing_as_zeros`."""
     saved = read_run_config(run)
     cfg = dataclasses.replace(saved, device=device, quiet=True, strict=not missing_as_zeros,
                               cache_dir=cache_dir or saved.cache_dir)
@@ -2315,39 +2291,32 @@ def print_prediction(result: dict, all_phases: bool) -> None:
     print(f"{result['model']}: {result['prediction']}")
     for kind, reason in result["missing"].items():
         print(f"{kind} missing ({reason}): zeros in its place, as in training")
-    print("\n| class      | " + " | ".join(f"{p:>7s}" for p in shown) + " |")
-    print("|------------|" + "---------|" * len(shown))
-    for c in result["probabilities"]:
-        print(f"| {c:10s} | " + " | ".join(f"{result['phases'][p]['probabilities'][c]:7.4f}"
-                                           for p in shown) + " |")
+    rows = [[f"{c:10s}", *(f"{result['phases'][p]['probabilities'][c]:7.4f}" for p in shown)]
+            for c in result["probabilities"]]
+    print("\n" + md_table([f"{'class':10s}", *(f"{p:>7s}" for p in shown)], rows))
 
 
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
-# What runs of one recipe may differ in: the seed, and where and how they ran (not their results).
-SEED_SUMMARY_FREE = {"seed", "out", "data_dir", "cache_dir", "device", "loader_workers", "workers", "quiet",
-                     "compile", "compile_mode", "text_bucket"}
-
-
 def summarize(runs: list[Path], out: Path) -> dict:
     """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
     values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
     if not runs:
         raise SystemExit("telme: summarize needs at least one run directory")
-    metrics, configs = [], []
-    for run in runs:
-        for name, into in (("metrics.json", metrics), ("config.json", configs)):
-            if not (run / name).is_file():
-                raise SystemExit(f"telme: {run / name} not found; did that run finish?")
-            into.append(json.loads((run / name).read_text()))
-    where = [str(r.resolve()) for r in runs]
+    for path in (run / name for run in runs for name in ("metrics.json", "config.json")):
+        if not path.is_file():
+            raise SystemExit(f"telme: {path} not found; did that run finish?")
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
+    configs = [json.loads((run / "config.json").read_text()) for run in runs]
     seeds = [c["config"].get("seed") for c in configs]
     for i, (run, config) in enumerate(zip(runs, configs)):
-        earlier = [j for j in range(i) if where[j] == where[i] or seeds[j] == seeds[i]]
+        earlier = [j for j in range(i) if runs[j].resolve() == run.resolve() or seeds[j] == seeds[i]]
         if earlier:
             raise SystemExit(f"telme: {run} repeats {runs[earlier[0]]} (seed {seeds[i]}); summarize "
                              "takes each seed's run once")
+        # Runs of one recipe differ in their seed, and where and how they ran (what a resume may change).
         differ = sorted(k for k in set(config["config"]) | set(configs[0]["config"])
-                        if k not in SEED_SUMMARY_FREE and config["config"].get(k) != configs[0]["config"].get(k))
+                        if k not in ("seed", "out", *RESUME_OVERRIDES)
+                        and config["config"].get(k) != configs[0]["config"].get(k))
         if differ:
             raise SystemExit(f"telme: {run} and {runs[0]} differ in {', '.join(differ)}; summarize "
                              "averages runs that differ in their seed alone")
@@ -2367,7 +2336,6 @@ def summarize(runs: list[Path], out: Path) -> dict:
             entry[metric] = {"mean": statistics.fmean(values) if values else None,
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
         summary["phases"][phase] = entry
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print_seed_summary(summary)
     return summary
@@ -2376,10 +2344,9 @@ def summarize(runs: list[Path], out: Path) -> dict:
 def print_seed_summary(summary: dict) -> None:
     def cell(m):
         return f"{m['mean']:6.2f} ± {m['std']:5.2f}" if m["mean"] is not None else f"{'n/a':>14s}"
-    print(f"\n| {'phase':8s} | {'dev W-F1':14s} | {'test W-F1':14s} | seeds |\n"
-          f"|----------|----------------|----------------|-------|")
-    for phase, m in summary["phases"].items():
-        print(f"| {phase:8s} | {cell(m['dev_wf1'])} | {cell(m['test_wf1'])} | {m['n']:5d} |")
+    rows = [[f"{phase:8s}", cell(m["dev_wf1"]), cell(m["test_wf1"]), f"{m['n']:5d}"]
+            for phase, m in summary["phases"].items()]
+    print("\n" + md_table([f"{'phase':8s}", f"{'dev W-F1':14s}", f"{'test W-F1':14s}", "seeds"], rows))
     clock = [t for t in summary["wall_clock_s"] if t is not None]
     print(f"seeds {summary['seeds']}; devices {sorted(set(map(str, summary['devices'])))}"
           + (f"; wall-clock {statistics.fmean(clock) / 60:.1f} min per run" if clock else ""))
@@ -2403,42 +2370,36 @@ OFFICIAL_MODULES = {
 
 
 def official_state(path: Path, phase: str) -> dict[str, torch.Tensor]:
-    """An official state dict, its keys renamed to telme's (keys of unknown modules kept as they are)."""
+    """An official state dict, its keys as the official code names them."""
     if not path.is_file():
         raise SystemExit(f"telme: {path} not found (the official {phase} weights)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a zip/pickle, or holding more than tensors (refused unread)
         raise SystemExit(f"telme: {path}: not a loadable state dict: {error}") from None
-    names = OFFICIAL_MODULES[phase]
-    renamed = {}
-    for key, value in state.items():
-        module, _, rest = key.partition(".")
-        renamed[f"{names[module]}.{rest}" if module in names else key] = value
-    return renamed
 
 
 def load_official(module: nn.Module, state: dict, path: Path, phase: str) -> None:
-    """Put `state` into a module built on the meta device; any missing, unexpected or mis-shaped key
-    is an error that lists them under their official names."""
+    """Put the official `state` into a module built on the meta device; any missing, unexpected or
+    mis-shaped key is an error that names the keys as the official code does."""
     official = {telme: name for name, telme in OFFICIAL_MODULES[phase].items()}
 
-    def name(key: str) -> str:
+    def name(key: str) -> str:  # a key of telme's module -> the official one
         module_name, _, rest = key.partition(".")
         return f"{official.get(module_name, module_name)}.{rest}"
-    expected = module.state_dict()
+    expected = {name(k): v for k, v in module.state_dict().items()}
     # Buffers that telme's transformers version does not save (position ids) may be in older files.
-    unsaved = {n for n, _ in module.named_buffers()} - set(expected)
-    missing = sorted(name(k) for k in set(expected) - set(state))
-    unexpected = sorted(name(k) for k in set(state) - set(expected) - unsaved)
-    shapes = sorted(f"{name(k)} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+    unsaved = {name(n) for n, _ in module.named_buffers()} - set(expected)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - unsaved)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
                     for k, v in expected.items() if k in state and state[k].shape != v.shape)
     problems = [f"{what}: {', '.join(keys)}" for what, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
                 if keys]
     if problems:
         raise SystemExit(f"telme: {path}: does not fit telme's {phase} model; " + "; ".join(problems))
-    module.load_state_dict({k: state[k] for k in expected}, assign=True)
+    module.load_state_dict({k: state[name(k)] for k in module.state_dict()}, assign=True)
 
 
 def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FILES["fusion"]) -> Path:
@@ -2446,18 +2407,15 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
     tokenizer, config.json), so that `eval --run` reproduces the official inference."""
     # The official fusion attends across the batch (D2): its attention weights only fit that scope.
     cfg = dataclasses.replace(cfg, asf_attention="batch")
-    files = {phase: directory / name for phase, name in OFFICIAL_FILES.items()}
-    files["fusion"] = directory / fusion_file
+    files = {phase: directory / name for phase, name in (OFFICIAL_FILES | {"fusion": fusion_file}).items()}
     states = {phase: official_state(path, phase) for phase, path in files.items()}
     classes = len(EMOTIONS[cfg.dataset])
     tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
     add_speaker_tokens(tokenizer)
-    text_config = encoder_config(cfg.text_model, cfg, "text")
-    text_config.vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
+    configs = {kind: encoder_config(getattr(cfg, f"{kind}_model"), cfg, kind) for kind in ("text", "audio", "video")}
+    configs["text"].vocab_size = len(tokenizer)  # the official teacher was resized for <s1>..<s9> too
     with torch.device("meta"):  # shapes only, no memory: every weight comes from the files
-        encoders = {"text": AutoModel.from_config(text_config),
-                    "audio": AutoModel.from_config(encoder_config(cfg.audio_model, cfg, "audio")),
-                    "video": AutoModel.from_config(encoder_config(cfg.video_model, cfg, "video"))}
+        encoders = {kind: AutoModel.from_config(config) for kind, config in configs.items()}
         models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
                   "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
                   "visual": build_student("video", encoders["video"], classes),
@@ -2465,7 +2423,6 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
     for phase, model in models.items():
         load_official(model, states[phase], files[phase], phase)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, make_runtime(cfg), run)
     save_encoder_config(run, "text", encoders["text"], tokenizer)
     save_encoder_config(run, "audio", encoders["audio"])
