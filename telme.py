@@ -2666,9 +2666,8 @@ def write_clip(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     codec, options = SYNTH_VIDEO_CODECS[path.suffix]
     with av.open(str(path), "w") as container:
-        video = container.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.options = options
+        video = container.add_stream(codec, rate=fps, options=options, width=frames.shape[2], height=frames.shape[1],
+                                     pix_fmt="yuv420p")
         layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]] if audio is not None else None
         sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
         for image in frames:
@@ -3054,8 +3053,8 @@ def parse_numbers(kind):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
-    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep the preset's."""
+def add_config_flags(parser: argparse.ArgumentParser, names=None):
+    """A flag per Config field (or in `names`), its docstring as help, unset: the preset's; returns add_argument."""
     docs = field_docs(Config)
     for f in [f for f in dataclasses.fields(Config) if names is None or f.name in names]:
         flag = "--" + f.name.replace("_", "-")
@@ -3071,6 +3070,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
                                 for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
+    return parser.add_argument
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3104,9 +3104,7 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = dict(choices=sorted(PRESETS), default="meld")
     # Each command's flags in --help order; `add` is the add_argument of the command named last.
     add_config_flags(commands.add_parser("prepare", help="decode every clip once into the media cache"))
-    train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
-    add_config_flags(train_cmd)
-    add = train_cmd.add_argument
+    add = add_config_flags(commands.add_parser("train", help="train the phases, best epoch chosen on dev"))
     add("--phase", choices=["teacher", "students", "fusion", "all"], default="all", help="teacher (text), students "
         "(audio, then visual; needs the teacher), fusion (needs all three), or all in turn [default: all]")
     add("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch, with the "
@@ -3153,10 +3151,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = commands.add_parser("summarize", help="mean ± std over runs of several seeds").add_argument
     add("runs", nargs="+", help="run directories, one per seed")
     add("--out", required=True, help="folder for summary.json")
-    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a run "
-                                     "directory for eval (compat official unless --compat none)")
-    add_config_flags(import_cmd)
-    add = import_cmd.add_argument
+    add = add_config_flags(commands.add_parser("import-official", help="the official code's saved weights as a run "
+                                               "directory for eval (compat official unless --compat none)"))
     add("--dir", required=True, help="the official save_model/ folder")
     add("--fusion-file", default=OFFICIAL_FILES["fusion"],
         help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
