@@ -2643,9 +2643,8 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
 # ==================================================================================================
 # 7. Synthetic data and the offline demo
 # ==================================================================================================
-# Each class is a (group, bit) pair: label = 2 * group + bit. The text names the group only; the audio's pitch
-# and the video's colour each carry the bit (noisily) and a weak hint of the group: the teacher cannot tell
-# a group's two classes apart, each student alone is weak, only the fusion of all three recovers the label.
+# Each class is a (group, bit) pair, label = 2 * group + bit: the text names only the group, the audio's pitch and
+# the video's colour each carry the bit (noisily) and hint at the group, so only the fusion of all three recovers it.
 SYNTH_GROUP_WORDS = [["ugh", "hate", "stop", "enough"], ["wow", "great", "yes", "really"],
                      ["okay", "fine", "whatever", "sure"], ["what", "huh", "seriously", "wait"]]
 SYNTH_FILLER = ["i", "you", "the", "it", "we", "just", "that", "know", "think", "this", "so", "well"]
@@ -2666,8 +2665,7 @@ def write_clip(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     codec, options = SYNTH_VIDEO_CODECS[path.suffix]
     with av.open(str(path), "w") as container:
-        video = container.add_stream(codec, rate=fps, options=options, width=frames.shape[2], height=frames.shape[1],
-                                     pix_fmt="yuv420p")
+        video = container.add_stream(codec, rate=fps, options=options, width=frames.shape[2], height=frames.shape[1])
         layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]] if audio is not None else None
         sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
         for image in frames:
@@ -2755,9 +2753,12 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
                 transcript.append(f"{turn} [{start:08.4f}-{end:08.4f}]: {text}")
                 evaluation += [f"[{start:.4f} - {end:.4f}]\t{turn}\t{emotion}\t[2.5000, 2.5000, 2.5000]",
                                f"C-E1:\t{emotion};\t()", "A-E1:\tval 3; act 2; dom  2;\t()", ""]
-                wave_16k = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE,
-                                                          SYNTH_WAV_RATE).numpy()
-                write_wav(root / "sentences" / "wav" / dialog / f"{turn}.wav", wave_16k, SYNTH_WAV_RATE)
+                wav = root / "sentences" / "wav" / dialog / f"{turn}.wav"
+                wav.parent.mkdir(parents=True, exist_ok=True)
+                samples = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE, SYNTH_WAV_RATE)
+                with wave.open(str(wav), "wb") as f:
+                    f.setparams((1, 2, SYNTH_WAV_RATE, 0, "NONE", "not compressed"))  # mono, 16-bit PCM
+                    f.writeframes((samples.numpy().clip(-1, 1) * 32767).astype("<i2").tobytes())
                 video += [frames, grey]
                 cursor = end + SYNTH_TURN_GAP
             write_clip(avi_dir / f"{dialog}.avi", np.concatenate(video), SYNTH_FPS)
@@ -2768,22 +2769,13 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
 
 
 def synth_dialogue_names(session: str):
-    """A synthetic session's dialogue names: Sessions 1-4 open with an official dev dialogue (dev is never
-    empty), then the release's pattern minus those: Ses01F_impro01, Ses01M_impro01 ... Ses01F_impro02, ..."""
+    """A session's dialogue names: an official dev one first (dev is never empty), then the release's pattern."""
     prefix = f"Ses0{session[-1]}"
     yield from sorted(name for name in IEMOCAP_DEV_DIALOGUES if name.startswith(prefix))[:1]
     for k in itertools.count():
         name = f"{prefix}{'FM'[k % 2]}_{('impro', 'script')[k // 2 % 2]}{k // 4 + 1:02d}"
         if name not in IEMOCAP_DEV_DIALOGUES:
             yield name
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    """A mono 16-bit PCM wav from float samples in [-1, 1]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as f:
-        f.setparams((1, 2, rate, 0, "NONE", "not compressed"))  # mono, 16-bit
-        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def word_level_tokenizer(corpus: list[str]):
@@ -2856,11 +2848,9 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
 # ==================================================================================================
 # 8. Benchmark: decoding once, the caches, full-size training steps
 # ==================================================================================================
-# MELD's clips: 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC. The footage: a random texture
-# of 64-pixel blocks panning 3 pixels per frame, so that h264 has motion to encode as in real footage.
+# MELD's clip format; the footage: random 64-pixel blocks panning 3 pixels per frame, motion for h264 as in MELD's.
 BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000, block=64, pan=3)
-# Teacher prompt lengths, drawn uniformly: a batch of 4 pads to 166 tokens on average (MELD train:
-# 160). Varied, as in training, so that a compiled teacher meets new lengths too.
+# Teacher prompt lengths, drawn uniformly (a batch of 4 pads to 166 tokens; MELD's, 160): compiling meets new ones.
 BENCH_TEXT_TOKENS = (64, 192)
 # (warm-up, timed) training steps and forward-only batches per phase (a full-size step: tens of seconds on a
 # CPU). On a GPU each new input length first pays for cuDNN plans, matmul heuristics and the allocator's growth
@@ -2961,8 +2951,7 @@ def bench_phase(job: tuple) -> dict:
 
 
 def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, phases: tuple = PHASES) -> dict:
-    """Print (a) decoding and the media cache, (b) full-size training steps per phase, (c) a MELD-sized
-    fusion epoch from the feature caches; from (b) of every phase and (c), the projected MELD wall-clock."""
+    """Print (a) decoding and the cache, (b) training steps per phase, (c) a MELD-sized fusion epoch, the projection."""
     if set(phases) - set(PHASES):
         raise SystemExit(f"telme: --phases takes {','.join(PHASES)}, not {','.join(phases)}")
     rt = make_runtime(cfg)
@@ -2980,11 +2969,9 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, pha
         decoded = MediaCache(cfg).prepare(utterances, cfg.workers, quiet=True)
     if "a" in parts:
         size = sum(p.stat().st_size for p in Path(cfg.cache_dir).rglob("*.npy"))
-        d = results["decode"] = {"clips": clips, "workers": decoded["workers"],
-                                 "clips_per_s": clips / decoded["seconds"], "cache_bytes_per_clip": size / clips}
         print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, 48 kHz stereo AAC) with "
-              f"`prepare` ({d['workers']} workers, start-up included): {d['clips_per_s']:.2f} clips/s, "
-              f"{d['cache_bytes_per_clip'] / 1e6:.2f} MB/clip in the cache")
+              f"`prepare` ({decoded['workers']} workers, start-up included): {clips / decoded['seconds']:.2f} clips/s, "
+              f"{size / clips / 1e6:.2f} MB/clip in the cache")
     if "b" in parts:
         warmup, timed = BENCH_STEPS[kind][0], steps or BENCH_STEPS[kind][1]
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} ({timed} "
@@ -3064,10 +3051,9 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None):
             continue
         kind = {"int": int, "float": float, "str": str,
                 "tuple": parse_numbers(int if f.name == "epochs" else float)}[f.type]
-        default = f.default
-        if f.name in PRESETS["meld"]:  # the dataset's preset
-            default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                                for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
+        default = (", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"  # the dataset's preset
+                             for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
+                   if f.name in PRESETS["meld"] else f.default)
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
     return parser.add_argument
@@ -3239,9 +3225,8 @@ def main(argv=None) -> None:
     elif args.command == "predict":
         if args.text is None:
             raise SystemExit("telme: predict needs --text (one utterance) or --csv (many)")
-        history = read_history(Path(args.history)) if args.history else []
         result = Predictor(args.run, args.device, args.missing_as_zeros).predict(
-            args.text, history, args.speaker, args.video, args.audio)
+            args.text, read_history(Path(args.history)) if args.history else [], args.speaker, args.video, args.audio)
         if not args.all_phases:
             result["phases"] = {result["model"]: result["phases"][result["model"]]}
         if args.json:
@@ -3249,9 +3234,8 @@ def main(argv=None) -> None:
         else:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
-        overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
         results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None,
-                           **overrides)
+                           **{k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None})
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":
