@@ -3060,8 +3060,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None):
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return make_config(given.pop("dataset", "meld"), **given)
+    return make_config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
 
 
 # What `train --resume` may change: where things are and how they run. The compile flags change which
@@ -3076,7 +3075,7 @@ def resume_config(args: argparse.Namespace) -> Config:
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
         raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
-    requested = make_config(given.get("dataset", saved.dataset), **{k: v for k, v in given.items() if k != "dataset"})
+    requested = make_config(**{"dataset": saved.dataset, **given})
     changed = sorted(k for k in given if k not in RESUME_OVERRIDES and getattr(requested, k) != getattr(saved, k))
     if changed:
         raise SystemExit(f"telme: --resume {args.resume} keeps its config.json; "
