@@ -2644,7 +2644,7 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
 # 7. Synthetic data and the offline demo
 # ==================================================================================================
 # Each class is a (group, bit) pair, label = 2 * group + bit: the text names only the group, the audio's pitch and
-# the video's colour each carry the bit (noisily) and hint at the group, so only the fusion of all three recovers it.
+# the video's colour each carry the bit (noisily) and hint at the group; only the fusion of all three has the label.
 SYNTH_GROUP_WORDS = [["ugh", "hate", "stop", "enough"], ["wow", "great", "yes", "really"],
                      ["okay", "fine", "whatever", "sure"], ["what", "huh", "seriously", "wait"]]
 SYNTH_FILLER = ["i", "you", "the", "it", "we", "just", "that", "know", "think", "this", "so", "well"]
@@ -2791,8 +2791,7 @@ def word_level_tokenizer(corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
 
 
-def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int,
-                      seed: int = 0) -> dict[str, str]:
+def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int, seed: int = 0) -> dict:
     """Small random-weight encoders saved as model directories, so that they load as the real ones do."""
     from transformers import (BertConfig, BertModel, Data2VecAudioConfig, Data2VecAudioModel,
                               TimesformerConfig, TimesformerModel)
@@ -2848,9 +2847,9 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
 # ==================================================================================================
 # 8. Benchmark: decoding once, the caches, full-size training steps
 # ==================================================================================================
-# MELD's clip format; the footage: random 64-pixel blocks panning 3 pixels per frame, motion for h264 as in MELD's.
+# MELD's clip format. The footage, random 64-pixel blocks panning 3 pixels per frame, gives h264 motion to encode.
 BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000, block=64, pan=3)
-# Teacher prompt lengths, drawn uniformly (a batch of 4 pads to 166 tokens; MELD's, 160): compiling meets new ones.
+# Teacher prompt lengths, drawn uniformly so that compiling meets new ones (batches of 4 pad to 166 tokens; MELD: 160).
 BENCH_TEXT_TOKENS = (64, 192)
 # (warm-up, timed) training steps and forward-only batches per phase (a full-size step: tens of seconds on a
 # CPU). On a GPU each new input length first pays for cuDNN plans, matmul heuristics and the allocator's growth
@@ -3041,7 +3040,7 @@ def parse_numbers(kind):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names=None):
-    """A flag per Config field (or in `names`), its docstring as help, unset: the preset's; returns add_argument."""
+    """A flag per Config field (or in `names`), docstring as help, the preset's value if unset; returns add_argument."""
     docs = field_docs(Config)
     for f in [f for f in dataclasses.fields(Config) if names is None or f.name in names]:
         flag = "--" + f.name.replace("_", "-")
@@ -3051,9 +3050,10 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None):
             continue
         kind = {"int": int, "float": float, "str": str,
                 "tuple": parse_numbers(int if f.name == "epochs" else float)}[f.type]
-        default = (", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"  # the dataset's preset
-                             for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
-                   if f.name in PRESETS["meld"] else f.default)
+        default = f.default
+        if f.name in PRESETS["meld"]:  # the dataset's preset
+            default = ", ".join(f"{d} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
     return parser.add_argument
@@ -3070,7 +3070,7 @@ RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "worker
 
 
 def resume_config(args: argparse.Namespace) -> Config:
-    """The interrupted run's own configuration: flags may repeat its values (run.sh does); RESUME_OVERRIDES change."""
+    """The interrupted run's configuration: flags may repeat it (run.sh does) and change only RESUME_OVERRIDES."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
