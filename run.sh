@@ -151,7 +151,7 @@ case "$command" in
     ;;
   bench)
     setup_python
-    # (a) decode MELD-format clips once, then read them cached; (b) full-size training steps per
+    # (a) decode MELD-format clips once into the cache; (b) full-size training steps per
     # phase; (c) a MELD-sized fusion epoch. `--steps N` times more steps, `--parts ac` skips (b).
     $PY telme.py bench "$@"
     ;;

@@ -2435,10 +2435,8 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
 # ==================================================================================================
 # 7. Synthetic data and the offline demo
 # ==================================================================================================
-# Each class is a (group, bit) pair: label = 2 * group + bit. The text names the group and nothing
-# else; the audio's pitch and the video's colour each carry the bit (noisily) and a weak hint of the
-# group. So the teacher cannot separate the two classes of a group, each student alone is weak, and
-# only the fusion of all three recovers the label.
+# Each class is a (group, bit) pair, label = 2 * group + bit: the text names only the group, the audio's pitch and
+# the video's colour each carry the bit (noisily) and hint at the group; only the fusion of all three has the label.
 SYNTH_GROUP_WORDS = [["ugh", "hate", "stop", "enough"], ["wow", "great", "yes", "really"],
                      ["okay", "fine", "whatever", "sure"], ["what", "huh", "seriously", "wait"]]
 SYNTH_FILLER = ["i", "you", "the", "it", "we", "just", "that", "know", "think", "this", "so", "well"]
@@ -2455,23 +2453,19 @@ MELD_SENTIMENT = {"anger": "negative", "disgust": "negative", "fear": "negative"
 
 def write_clip(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
                rate: int = SYNTH_AUDIO_RATE) -> None:
-    """A clip from (N, H, W, 3) uint8 frames and (channels, samples) float audio, coded as the
-    releases code theirs: h264 (+ AAC) in .mp4 (MELD), DivX, i.e. MPEG-4 part 2, in .avi (IEMOCAP)."""
+    """(N, H, W, 3) uint8 frames and (channels, samples) float audio, coded as MELD's .mp4 or IEMOCAP's .avi."""
     path.parent.mkdir(parents=True, exist_ok=True)
     codec, options = SYNTH_VIDEO_CODECS[path.suffix]
     with av.open(str(path), "w") as container:
-        video = container.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.options = options
+        video = container.add_stream(codec, rate=fps, options=options, width=frames.shape[2], height=frames.shape[1])
         layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]] if audio is not None else None
         sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
         for image in frames:
             container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(video.encode())
         if sound is not None:
-            chunk = 1024  # AAC's frame size
-            for first in range(0, audio.shape[1], chunk):
-                samples = np.ascontiguousarray(audio[:, first:first + chunk], dtype=np.float32)
+            for first in range(0, audio.shape[1], 1024):  # AAC's frame size
+                samples = np.ascontiguousarray(audio[:, first:first + 1024], dtype=np.float32)
                 frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
                 frame.sample_rate, frame.pts = rate, first
                 container.mux(sound.encode(frame))
@@ -2506,8 +2500,7 @@ def synth_utterance(label: int, num_classes: int, rng: random.Random) -> tuple[s
 
 
 def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) -> Path:
-    """A synthetic dataset in the released layout of `dataset`. MELD: `dialogues` train dialogues,
-    a quarter as many in dev and in test; IEMOCAP: `dialogues` in Sessions 1-4, a quarter in Session 5."""
+    """A synthetic dataset in the released layout of `dataset`; `dialogues` as `synth --dialogues` counts them."""
     rng = random.Random(seed)
     if dataset == "iemocap":
         return synth_iemocap(out, dialogues, rng)
@@ -2528,8 +2521,7 @@ def synth(out: Path, dataset: str = "meld", dialogues: int = 40, seed: int = 0) 
 
 
 def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
-    """IEMOCAP_full_release in miniature: per dialogue a transcription and an EmoEvaluation file in the release's
-    line formats, a 16 kHz wav per turn, one avi of all turns with grey between; some turns labelled xxx, oth, ..."""
+    """IEMOCAP_full_release in miniature: its transcript and evaluation formats, a wav per turn, an avi per dialogue."""
     classes = EMOTIONS["iemocap"]
     # Sessions 1-4 take the dialogues in turn; Session 5 (the test split) a quarter as many.
     counts = {session: len(range(i, dialogues, 4)) for i, session in enumerate(IEMOCAP_SESSIONS[:4])}
@@ -2553,9 +2545,12 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
                 transcript.append(f"{turn} [{start:08.4f}-{end:08.4f}]: {text}")
                 evaluation += [f"[{start:.4f} - {end:.4f}]\t{turn}\t{emotion}\t[2.5000, 2.5000, 2.5000]",
                                f"C-E1:\t{emotion};\t()", "A-E1:\tval 3; act 2; dom  2;\t()", ""]
-                wave_16k = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE,
-                                                          SYNTH_WAV_RATE).numpy()
-                write_wav(root / "sentences" / "wav" / dialog / f"{turn}.wav", wave_16k, SYNTH_WAV_RATE)
+                wav = root / "sentences" / "wav" / dialog / f"{turn}.wav"
+                wav.parent.mkdir(parents=True, exist_ok=True)
+                samples = torchaudio.functional.resample(torch.from_numpy(audio[0]), SYNTH_AUDIO_RATE, SYNTH_WAV_RATE)
+                with wave.open(str(wav), "wb") as f:
+                    f.setparams((1, 2, SYNTH_WAV_RATE, 0, "NONE", "not compressed"))  # mono, 16-bit PCM
+                    f.writeframes((samples.numpy().clip(-1, 1) * 32767).astype("<i2").tobytes())
                 video += [frames, grey]
                 cursor = end + SYNTH_TURN_GAP
             write_clip(avi_dir / f"{dialog}.avi", np.concatenate(video), SYNTH_FPS)
@@ -2566,22 +2561,13 @@ def synth_iemocap(out: Path, dialogues: int, rng: random.Random) -> Path:
 
 
 def synth_dialogue_names(session: str):
-    """A synthetic session's dialogue names: Sessions 1-4 open with an official dev dialogue (dev is never
-    empty), then the release's pattern minus those: Ses01F_impro01, Ses01M_impro01 ... Ses01F_impro02, ..."""
+    """A session's dialogue names: an official dev one first (dev is never empty), then the release's pattern."""
     prefix = f"Ses0{session[-1]}"
     yield from sorted(name for name in IEMOCAP_DEV_DIALOGUES if name.startswith(prefix))[:1]
     for k in itertools.count():
         name = f"{prefix}{'FM'[k % 2]}_{('impro', 'script')[k // 2 % 2]}{k // 4 + 1:02d}"
         if name not in IEMOCAP_DEV_DIALOGUES:
             yield name
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    """A mono 16-bit PCM wav from float samples in [-1, 1]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as f:
-        f.setparams((1, 2, rate, 0, "NONE", "not compressed"))  # mono, 16-bit
-        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def word_level_tokenizer(corpus: list[str]):
@@ -2597,10 +2583,8 @@ def word_level_tokenizer(corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
 
 
-def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int,
-                      seed: int = 0) -> dict[str, str]:
-    """Randomly initialised small versions of the three encoders, saved as local model directories
-    so that they load through exactly the from_pretrained path the real models take."""
+def write_tiny_models(out: Path, corpus: list[str], dim: int, image_size: int, num_frames: int, seed: int = 0) -> dict:
+    """Small random-weight encoders saved as model directories, so that they load as the real ones do."""
     from transformers import (BertConfig, BertModel, Data2VecAudioConfig, Data2VecAudioModel,
                               TimesformerConfig, TimesformerModel)
     torch.manual_seed(seed)
@@ -2632,8 +2616,7 @@ DEMO_THREADS = 1  # the demo's torch threads: its tiny models gain little from a
 
 
 def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) -> dict:
-    """Synthetic data -> tiny encoders -> all three phases -> eval, on whatever device is present.
-    `out` is the run directory; the demo's own inputs (data, models, media cache) go in out/inputs."""
+    """Synthetic data -> tiny encoders -> all three phases -> eval in the run directory `out` (inputs in out/inputs)."""
     started = time.time()
     # A demo run directory is the demo's to replace; any other run is refused (train's check).
     config = out / "config.json"
@@ -2643,9 +2626,8 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
     data = synth(out / "inputs" / "data", dataset, DEMO_DIALOGUES, seed=seed)
     corpus = [u.text for utts in load_splits(make_config(dataset, data_dir=str(data))).values() for u in utts]
     models = write_tiny_models(out / "inputs" / "models", corpus, DEMO["feature_dim"], DEMO["image_size"], 8, seed)
-    cfg = make_config(dataset, data_dir=str(data), out=str(out), cache_dir=str(out / "inputs" / "cache"),
-                      text_model=models["text"], audio_model=models["audio"], video_model=models["video"],
-                      seed=seed, quiet=quiet, **DEMO)
+    cfg = make_config(dataset, data_dir=str(data), out=str(out), cache_dir=str(out / "inputs" / "cache"), seed=seed,
+                      quiet=quiet, **{f"{kind}_model": path for kind, path in models.items()}, **DEMO)
     train(cfg, overwrite=again)
     results = evaluate(Path(cfg.out), quiet=quiet, per_class=False)
     print(f"\ndemo finished in {time.time() - started:.0f} s; run directory {cfg.out}; "
@@ -2657,16 +2639,13 @@ def demo(out: Path, dataset: str = "meld", seed: int = 42, quiet: bool = False) 
 # ==================================================================================================
 # 8. Benchmark: decoding once, the caches, full-size training steps
 # ==================================================================================================
-# MELD's clips: 1280x720 h264 at 24 fps, 2-6 s long, 48 kHz stereo AAC. The footage: a random texture
-# of 64-pixel blocks panning 3 pixels per frame, so that h264 has motion to encode as in real footage.
+# MELD's clip format. The footage, random 64-pixel blocks panning 3 pixels per frame, gives h264 motion to encode.
 BENCH_CLIP = dict(width=1280, height=720, fps=24, seconds=(2.0, 6.0), audio_rate=48000, block=64, pan=3)
-# Teacher prompt lengths, drawn uniformly: a batch of 4 pads to 166 tokens on average (MELD train:
-# 160). Varied, as in training, so that a compiled teacher meets new lengths too.
+# Teacher prompt lengths, drawn uniformly so that compiling meets new ones (batches of 4 pad to 166 tokens; MELD: 160).
 BENCH_TEXT_TOKENS = (64, 192)
-# (warm-up, timed) training steps and forward-only batches per phase: a full-size step takes tens of
-# seconds on a CPU. On a GPU the first steps of each new input length pay for cuDNN plans, matrix
-# product heuristics and the allocator's growth (the teacher ran 6.8 steps/s after 30 warm-up steps,
-# 10.1 after 200), so the warm-up spans the lengths of the bench set.
+# (warm-up, timed) training steps and forward-only batches per phase (a full-size step: tens of seconds on a
+# CPU). On a GPU each new input length first pays for cuDNN plans, matmul heuristics and the allocator's growth
+# (the teacher: 6.8 steps/s after 30 warm-up steps, 10.1 after 200): the warm-up spans the bench's lengths.
 BENCH_STEPS = {"cpu": (1, 1), "cuda": (200, 50)}
 BENCH_EVAL_BATCHES = {"cpu": (1, 1), "cuda": (20, 20)}
 MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}  # for the fusion epoch and the projection
@@ -2675,11 +2654,10 @@ MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}  # for the fusion epoch 
 def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
     """`count` clips in MELD's format, written with write_clip; one utterance per clip."""
     rng = np.random.default_rng(seed)
-    width, height, fps, rate, block, pan = (BENCH_CLIP[k] for k in ("width", "height", "fps", "audio_rate",
-                                                                   "block", "pan"))
+    width, height, fps, (shortest, longest), rate, block, pan = BENCH_CLIP.values()
     utterances = []
     for i in range(count):
-        seconds = rng.uniform(*BENCH_CLIP["seconds"])
+        seconds = rng.uniform(shortest, longest)
         frame_count = int(seconds * fps)
         span = width + pan * frame_count  # the texture pans across this width
         blocks = rng.integers(0, 256, (-(-height // block), -(-span // block), 3), dtype=np.uint8)
@@ -2694,15 +2672,13 @@ def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
 
 
 def bench_phase(job: tuple) -> dict:
-    """One phase's training steps with its full-size model (random weights, nothing is downloaded),
-    then its forward-only batches. Runs in a fresh process, so that the peak memory is the phase's own."""
+    """Steps/s, eval batches/s and peak memory (its own: a fresh process) of one phase, full size, random weights."""
     phase, cfg, utterances, (warmup, steps), (eval_warmup, eval_batches), threads = job
     if threads:
         torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     transformers.set_seed(cfg.seed)
-    # The clips repeated, so that one pass of each loader spans its batches (as in a MELD epoch,
-    # whose 2497 steps pay for starting the loader's workers once).
+    # The clips repeated: one pass of each loader spans its batches (a MELD epoch starts its workers once).
     needed = max((warmup + steps) * cfg.batch_size, (eval_warmup + eval_batches) * cfg.eval_batch_size)
     utterances = utterances * -(-needed // len(utterances))
     classes, n = len(EMOTIONS[cfg.dataset]), len(utterances)
@@ -2746,8 +2722,7 @@ def bench_phase(job: tuple) -> dict:
         train_step(trained, batch, loss_fn, optimizer, scaler, params, cfg, rt, phase, update)
     rt.synchronize()
     elapsed, warmup_s = time.perf_counter() - started, started - begun  # compiling included, under --compile
-    # Forward-only batches through run_model, as evaluation and the frozen outputs run them; its
-    # outputs end on the host, so that the device has finished.
+    # Forward-only batches as evaluation runs them (run_model returns outputs on the host: the device is done).
     loader = make_loader(dataset, cfg, rt, collate, shuffle=False)
     batches = iter(loader)
     run_model(model, itertools.islice(batches, eval_warmup), forward, rt, cfg.quiet, "warm-up")
@@ -2766,14 +2741,10 @@ def bench_phase(job: tuple) -> dict:
             "peak_gib": peak / 2 ** 30, "parameters_m": sum(p.numel() for p in params) / 1e6}
 
 
-def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, threads: int = 0,
-          phases: tuple = PHASES) -> dict:
-    """Print (a) decoding and the media cache, (b) full-size training steps per phase, (c) a MELD-sized
-    fusion epoch from the feature caches; from (b) of every phase and (c), the projected MELD wall-clock."""
+def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, phases: tuple = PHASES) -> dict:
+    """Print (a) decoding and the cache, (b) training steps per phase, (c) a MELD-sized fusion epoch, the projection."""
     if set(phases) - set(PHASES):
         raise SystemExit(f"telme: --phases takes {','.join(PHASES)}, not {','.join(phases)}")
-    if threads:
-        torch.set_num_threads(threads)
     rt = make_runtime(cfg)
     kind = "cuda" if rt.device.type == "cuda" else "cpu"
     device = torch.cuda.get_device_name(rt.device) if kind == "cuda" else (
@@ -2786,23 +2757,12 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
     results = {"device": device}
     if "a" in parts or "b" in parts:  # decoded as prepare runs, into the cache (b)'s students read
         utterances = bench_clips(out / "clips", clips)
-        media = MediaCache(cfg)
-        decoded = media.prepare(utterances, cfg.workers, quiet=True)
-    if "a" in parts:  # then a cached epoch as a student phase reads it, in this process
-        loader = make_loader(UtteranceDataset(utterances, media=media, kinds=("audio", "video")),
-                             dataclasses.replace(cfg, loader_workers=0), rt, make_collate(cfg),
-                             shuffle=True, seed=cfg.seed)
-        cached_started = time.perf_counter()
-        for _ in loader:
-            pass
-        d = results["decode"] = {
-            "clips": clips, "workers": decoded["workers"], "first_pass_clips_per_s": clips / decoded["seconds"],
-            "cached_clips_per_s": clips / (time.perf_counter() - cached_started),
-            "cache_bytes_per_clip": sum(p.stat().st_size for p in media.root.rglob("*.npy")) / clips}
-        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, 48 kHz stereo AAC)\n"
-              f"| pass | clips/s | cache MB/clip |\n|---|---|---|\n| first, `prepare` ({d['workers']} workers, "
-              f"start-up included) | {d['first_pass_clips_per_s']:.2f} | {d['cache_bytes_per_clip'] / 1e6:.2f} |\n"
-              f"| cached (memory-mapped read, collated to tensors) | {d['cached_clips_per_s']:.1f} | |")
+        decoded = MediaCache(cfg).prepare(utterances, cfg.workers, quiet=True)
+    if "a" in parts:
+        size = sum(p.stat().st_size for p in Path(cfg.cache_dir).rglob("*.npy"))
+        print(f"\n(a) decoding {clips} clips in MELD's format (1280x720 h264 24 fps, 2-6 s, 48 kHz stereo AAC) with "
+              f"`prepare` ({decoded['workers']} workers, start-up included): {clips / decoded['seconds']:.2f} clips/s, "
+              f"{size / clips / 1e6:.2f} MB/clip in the cache")
     if "b" in parts:
         warmup, timed = BENCH_STEPS[kind][0], steps or BENCH_STEPS[kind][1]
         print(f"\n(b) training steps, full-size encoders with random weights, batch {cfg.batch_size} ({timed} "
@@ -2814,7 +2774,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
         for phase in phases:  # a row as each phase ends
             # A fresh process per phase (not a daemonic Pool worker: those cannot start DataLoader workers).
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                job = (phase, cfg, utterances, (warmup, timed), BENCH_EVAL_BATCHES[kind], threads)
+                job = (phase, cfg, utterances, (warmup, timed), BENCH_EVAL_BATCHES[kind], torch.get_num_threads())
                 results["steps"].append(r := pool.submit(bench_phase, job).result())
             print(f"| {phase} | {r['parameters_m']:.1f} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.3f} "
                   f"| {100 * r['data_share']:.1f}% | {r['warmup_s']:.1f} | {r['peak_gib']:.2f} | {r['eval_batch']} "
@@ -2838,8 +2798,7 @@ def bench(cfg: Config, out: Path, clips: int, steps: int | None, parts: str, thr
 
 
 def print_projection(results: dict, meld: Config) -> None:
-    """The MELD recipe's wall-clock on this device, from the measured rates (an estimate); start_s is
-    paid once per training run of a phase (compiling, cuDNN plans)."""
+    """The MELD recipe's wall-clock on this device, projected from the measured rates."""
     measured = {r["phase"]: r for r in results["steps"]}
 
     def forward_seconds(phase: str, splits) -> float:  # one forward-only pass over these splits
@@ -2850,9 +2809,8 @@ def print_projection(results: dict, meld: Config) -> None:
         steps = math.ceil(MELD_SIZES["train"] / meld.batch_size) / measured[phase]["steps_per_s"]
         return measured[phase]["start_s"] + epochs * (steps + forward_seconds(phase, ("dev", "test")))
 
-    # The students read the frozen teacher's outputs on train, the fusion those of all three encoders
-    # on every split, each computed once; each fusion epoch was measured with its start, compiling
-    # included (an overestimate by nine starts).
+    # Frozen outputs are computed once: the teacher's on train for the students, all three encoders' on every
+    # split for the fusion. Each fusion epoch was timed with its start (compiling): nine starts too many.
     seconds = {"teacher": training_seconds("teacher", meld.epochs[0]),
                "students": forward_seconds("teacher", ("train",)) + training_seconds("audio", meld.epochs[1])
                + training_seconds("visual", meld.epochs[1]),
@@ -2873,12 +2831,10 @@ def parse_numbers(kind):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
-    """One flag per Config field (or per field in `names`), its docstring as help; unset flags keep the preset's."""
+def add_config_flags(parser: argparse.ArgumentParser, names=None):
+    """A flag per Config field (or in `names`), docstring as help, the preset's value if unset; returns add_argument."""
     docs = field_docs(Config)
-    for f in dataclasses.fields(Config):
-        if names is not None and f.name not in names:
-            continue
+    for f in [f for f in dataclasses.fields(Config) if names is None or f.name in names]:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --X and --no-X: run.sh's recipes pass --compile, and a --no-compile after it wins
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -2892,11 +2848,11 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None) -> None:
                                 for d, v in ((d, PRESETS[d][f.name]) for d in PRESETS))
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=docs[f.name] + (f" [default: {default}]" if default != "" else ""))
+    return parser.add_argument
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return make_config(given.pop("dataset", "meld"), **given)
+    return make_config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)})
 
 
 # What `train --resume` may change: where things are and how they run. The compile flags change which
@@ -2906,25 +2862,17 @@ RESUME_OVERRIDES = ("data_dir", "cache_dir", "device", "loader_workers", "worker
 
 
 def resume_config(args: argparse.Namespace) -> Config:
-    """The interrupted run's own configuration. Flags may repeat its values (run.sh repeats its whole
-    command); only RESUME_OVERRIDES may change them."""
+    """The interrupted run's configuration: flags may repeat it (run.sh does) and change only RESUME_OVERRIDES."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     saved = read_run_config(Path(args.resume))
     if "out" in given and Path(given.pop("out")).resolve() != Path(args.resume).resolve():
         raise SystemExit(f"telme: --out and --resume {args.resume} name different runs")
-    requested = make_config(given.get("dataset", saved.dataset), **{k: v for k, v in given.items() if k != "dataset"})
+    requested = make_config(**{"dataset": saved.dataset, **given})
     changed = sorted(k for k in given if k not in RESUME_OVERRIDES and getattr(requested, k) != getattr(saved, k))
     if changed:
-        raise SystemExit(f"telme: --resume continues {args.resume} with its own config.json; "
+        raise SystemExit(f"telme: --resume {args.resume} keeps its config.json; "
                          f"--{changed[0].replace('_', '-')} cannot be changed")
     return dataclasses.replace(saved, out=args.resume, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
-
-
-def stats(cfg: Config) -> dict:
-    classes = EMOTIONS[cfg.dataset]
-    return {split: {"dialogues": len(dialogues(utts)), "utterances": len(utts),
-                    "classes": {c: sum(u.label == i for u in utts) for i, c in enumerate(classes)}}
-            for split, utts in load_splits(cfg).items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2933,9 +2881,7 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = dict(choices=sorted(PRESETS), default="meld")
     # Each command's flags in --help order; `add` is the add_argument of the command named last.
     add_config_flags(commands.add_parser("prepare", help="decode every clip once into the media cache"))
-    train_cmd = commands.add_parser("train", help="train the phases, best epoch chosen on dev")
-    add_config_flags(train_cmd)
-    add = train_cmd.add_argument
+    add = add_config_flags(commands.add_parser("train", help="train the phases, best epoch chosen on dev"))
     add("--phase", choices=["teacher", "students", "fusion", "all"], default="all", help="teacher (text), students "
         "(audio, then visual; needs the teacher), fusion (needs all three), or all in turn [default: all]")
     add("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch, with the "
@@ -2982,10 +2928,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = commands.add_parser("summarize", help="mean ± std over runs of several seeds").add_argument
     add("runs", nargs="+", help="run directories, one per seed")
     add("--out", required=True, help="folder for summary.json")
-    import_cmd = commands.add_parser("import-official", help="the official code's saved weights as a run "
-                                     "directory for eval (compat official unless --compat none)")
-    add_config_flags(import_cmd)
-    add = import_cmd.add_argument
+    add = add_config_flags(commands.add_parser("import-official", help="the official code's saved weights as a run "
+                                               "directory for eval (compat official unless --compat none)"))
     add("--dir", required=True, help="the official save_model/ folder")
     add("--fusion-file", default=OFFICIAL_FILES["fusion"],
         help=f"the fusion's state dict, inside --dir [default: {OFFICIAL_FILES['fusion']}]")
@@ -3013,15 +2957,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# argparse reads "-1e-3" as a flag (only "-1" and "-.5" look like numbers to it).
-NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
-
-
 def join_negative_values(argv: list[str]) -> list[str]:
-    """`--lr -1e-3` as `--lr=-1e-3`, so that a negative value reaches the range check (make_config)."""
+    """`--lr -1e-3` as `--lr=-1e-3` for make_config's range check: argparse takes "-1e-3" (unlike "-1") for a flag."""
     joined = []
     for token in argv:
-        if NEGATIVE_NUMBER.match(token) and joined and joined[-1].startswith("--") and "=" not in joined[-1]:
+        if re.match(r"-\.?\d", token) and joined and joined[-1].startswith("--") and "=" not in joined[-1]:
             joined[-1] += "=" + token
         else:
             joined.append(token)
@@ -3076,9 +3016,8 @@ def main(argv=None) -> None:
     elif args.command == "predict":
         if args.text is None:
             raise SystemExit("telme: predict needs --text (one utterance) or --csv (many)")
-        history = read_history(Path(args.history)) if args.history else []
         result = Predictor(args.run, args.device, args.missing_as_zeros).predict(
-            args.text, history, args.speaker, args.video, args.audio)
+            args.text, read_history(Path(args.history)) if args.history else [], args.speaker, args.video, args.audio)
         if not args.all_phases:
             result["phases"] = {result["model"]: result["phases"][result["model"]]}
         if args.json:
@@ -3086,13 +3025,15 @@ def main(argv=None) -> None:
         else:
             print_prediction(result, args.all_phases)
     elif args.command == "eval":
-        overrides = {k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None}
         results = evaluate(Path(args.run), args.split, args.quiet, out=Path(args.out) if args.out else None,
-                           **overrides)
+                           **{k: v for k in ("data_dir", "cache_dir", "device") if (v := getattr(args, k)) is not None})
         if is_main_process():
             print_summary(results)
     elif args.command == "stats":
-        print(json.dumps(stats(make_config(args.dataset, data_dir=args.data_dir)), indent=2))
+        splits, classes = load_splits(make_config(args.dataset, data_dir=args.data_dir)), EMOTIONS[args.dataset]
+        print(json.dumps({split: {"dialogues": len(dialogues(utts)), "utterances": len(utts),
+                                  "classes": {c: sum(u.label == i for u in utts) for i, c in enumerate(classes)}}
+                          for split, utts in splits.items()}, indent=2))
     elif args.command == "synth":
         synth(Path(args.out), args.dataset, args.dialogues, args.seed)
     elif args.command == "demo":
@@ -3106,10 +3047,8 @@ def main(argv=None) -> None:
         run = import_official(config_from_args(args), Path(args.dir), args.fusion_file)
         log(f"telme: imported {args.dir} into {run}; evaluate it with: python telme.py eval --run {run}")
     elif args.command == "bench":
-        cfg = config_from_args(args)
         with tempfile.TemporaryDirectory(prefix="telme-bench-") as scratch:
-            bench(cfg, Path(args.out or scratch), args.clips, args.steps or None, args.parts, args.threads,
-                  args.phases)
+            bench(config_from_args(args), Path(args.out or scratch), args.clips, args.steps, args.parts, args.phases)
     finish_distributed()
 
 
