@@ -2002,10 +2002,9 @@ def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
     if Path(saved.data_dir).exists() or not (run / "metrics.json").is_file():
         return False
     recorded = next(iter(json.loads((run / "metrics.json").read_text()).values()))["per_class"]
-    classes = EMOTIONS[saved.dataset]
     return set(recorded) == set(splits) and all(
-        [recorded[s][c]["support"] for c in classes] == [sum(u.label == i for u in utts) for i in range(len(classes))]
-        for s, utts in splits.items())
+        recorded[s][c]["support"] == sum(u.label == i for u in utts)
+        for s, utts in splits.items() for i, c in enumerate(EMOTIONS[saved.dataset]))
 
 
 def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
@@ -2216,8 +2215,8 @@ class Predictor:
 
     def predict(self, text: str, history=(), speaker: str = NEW_SPEAKER, video: str | None = None,
                 audio: str | None = None) -> dict:
-        """Every trained phase's class probabilities for one utterance after `history`, (speaker, utterance)
-        pairs, through eval's prompt, decoding and collation; a modality without a file goes in as zeros."""
+        """Every trained phase's class probabilities for one utterance after `history` ((speaker, utterance) pairs),
+        with eval's prompt, decoding and collation; a modality without a file goes in as zeros."""
         if not text.strip():
             raise SystemExit("telme: the utterance's text is empty; predict needs what is said")
         media, missing = self.media(video, audio) if self.trained != ["teacher"] else ({}, {})
@@ -2320,8 +2319,8 @@ def print_seed_summary(summary: dict) -> None:
 # Each phase's state dict in the official save_model/ folder; the fusion's name is not fixed there (--fusion-file).
 OFFICIAL_FILES = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
                   "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
-# Each official module name -> telme's, per phase. In the fusion (paper, section 3.4) the shapes tell: W_hav maps
-# [A; F_T] 2304 -> 768 (gate g), W_av A 1536 -> 768 (shift H), AV_LayerNorm the 1536-wide N', LayerNorm F_T + lam H.
+# Each official module name -> telme's, per phase; in the fusion (paper, section 3.4) the shapes tell them apart:
+# W_hav: [A; F_T] 2304 -> 768 (gate g), W_av: A 1536 -> 768 (shift H), AV_LayerNorm: N' (1536), LayerNorm: F_T + lam H.
 OFFICIAL_MODULES = {"teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
                     "audio": {"model": "encoder", "W": "classifier"},
                     "visual": {"model": "encoder", "W": "classifier"},
