@@ -1945,29 +1945,24 @@ def split_scores(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -
     everything = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=everything, zero_division=0)
-    return {
-        "wf1": 100 * float(f1_score(labels, predictions, labels=everything, average="weighted",
-                                    zero_division=0)),
-        "per_class": {c: {"precision": 100 * float(precision[i]), "recall": 100 * float(recall[i]),
-                          "f1": 100 * float(f1[i]), "support": int(support[i])}
-                      for i, c in enumerate(classes)},
-        "confusion": confusion_matrix(labels, predictions, labels=everything).tolist(),
-    }
+    wf1 = f1_score(labels, predictions, labels=everything, average="weighted", zero_division=0)
+    return {"wf1": 100 * float(wf1),
+            "per_class": {c: {"precision": 100 * float(precision[i]), "recall": 100 * float(recall[i]),
+                              "f1": 100 * float(f1[i]), "support": int(support[i])}
+                          for i, c in enumerate(classes)},
+            "confusion": confusion_matrix(labels, predictions, labels=everything).tolist()}
 
 
 def dataset_labels(dataset) -> np.ndarray:
-    if isinstance(dataset, FeatureDataset):
-        return dataset.features["label"].numpy()
-    return np.array([u.label for u in dataset.utterances])
+    return (dataset.features["label"].numpy() if isinstance(dataset, FeatureDataset)
+            else np.array([u.label for u in dataset.utterances]))
 
 
 def phase_metrics(reports: dict, best_epoch: int) -> dict:
     """One phase's entry of metrics.json (README: Using a run); a split that is not there scores None."""
-    return {"dev_wf1": reports["dev"]["wf1"] if "dev" in reports else None,
-            "test_wf1": reports["test"]["wf1"] if "test" in reports else None,
+    return {**{f"{split}_wf1": reports[split]["wf1"] if split in reports else None for split in ("dev", "test")},
             "best_epoch": best_epoch,
-            "per_class": {split: r["per_class"] for split, r in reports.items()},
-            "confusion": {split: r["confusion"] for split, r in reports.items()}}
+            **{key: {split: r[key] for split, r in reports.items()} for key in ("per_class", "confusion")}}
 
 
 def update_metrics(run: Path, phase: str, metrics: dict) -> None:
@@ -1985,9 +1980,7 @@ def trained_phases(run: Path) -> list[str]:
 
 
 def load_fusion(run: Path, cfg: Config, rt: Runtime) -> ShiftingFusion:
-    fusion = build_fusion(cfg)
-    load_weights(fusion, weights_path(run, "fusion"))
-    return fusion.to(rt.device).eval()
+    return load_weights(build_fusion(cfg), weights_path(run, "fusion")).to(rt.device).eval()
 
 
 def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
@@ -2003,24 +1996,20 @@ def eval_outputs(run: Path, cfg: Config, rt: Runtime, splits: dict) -> dict:
 
 
 def same_data(run: Path, saved: Config, data_dir: str, splits: dict) -> bool:
-    """Whether `data_dir` holds the run's training data: the same folder or, where that one is gone
-    (the data moved), the same class counts per split as the run's metrics.json."""
+    """Whether `data_dir` holds the run's data: the same folder or, that one gone, the class counts of metrics.json."""
     if Path(data_dir).resolve() == Path(saved.data_dir).resolve():
         return True
     if Path(saved.data_dir).exists() or not (run / "metrics.json").is_file():
         return False
     recorded = next(iter(json.loads((run / "metrics.json").read_text()).values()))["per_class"]
-    classes = EMOTIONS[saved.dataset]
     return set(recorded) == set(splits) and all(
-        [recorded[s][c]["support"] for c in classes] == [sum(u.label == i for u in utts) for i in range(len(classes))]
-        for s, utts in splits.items())
+        recorded[s][c]["support"] == sum(u.label == i for u in utts)
+        for s, utts in splits.items() for i, c in enumerate(EMOTIONS[saved.dataset]))
 
 
 def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: bool = True,
              out: Path | None = None, **overrides) -> dict:
-    """Every trained phase's metrics, recomputed from its saved weights on the dev and test splits
-    there are: metrics.json, report.md, confusion.png, predictions.csv in the run, or in `out` (needed
-    for other data: the run keeps its own record). `overrides`: data_dir, cache_dir, device (a move)."""
+    """Each trained phase's scores on the dev and test splits there are, into the run or (for other data) `out`."""
     saved = read_run_config(run)
     cfg = dataclasses.replace(saved, quiet=quiet, **overrides)
     rt = make_runtime(cfg)
@@ -2044,15 +2033,13 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
             atomic_write(target / "metrics.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
         if per_class:
             print_per_class(results, split)
-        write_report(target, results, cfg.dataset, split if split in splits else next(iter(splits)),
-                     run=run, data_dir=cfg.data_dir)
+        write_report(target, results, cfg, split if split in splits else next(iter(splits)), run)
         write_predictions(target / "predictions.csv", splits, outputs, classes)
     return results
 
 
 def write_predictions(path: Path, splits: dict, outputs: dict, classes: list[str], labelled: bool = True) -> None:
-    """Per utterance: split, dialogue, utterance (its clip's name), speaker, text, true label (or empty),
-    then each phase's predicted class and probabilities; for error analysis and significance tests."""
+    """Each utterance: split, dialogue, clip name, speaker, text, label or "", each phase's class and probabilities."""
     phases = [p for p in PHASES if f"z_{p}" in next(iter(outputs.values()))]
     text = io.StringIO()
     writer = csv.writer(text)
@@ -2084,25 +2071,21 @@ def md_table(header: list[str], rows: list[list], rule: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_report(target: Path, results: dict, dataset: str, split: str, run: Path | None = None,
-                 data_dir: str = "") -> None:
-    """TARGET/report.md: the phases, then the final phase's per-class scores and confusion matrix on
-    `split` (also as TARGET/confusion.png). `run`, whose weights were scored, is `target` unless --out."""
-    classes = EMOTIONS[dataset]
-    run = run or target
+def write_report(target: Path, results: dict, cfg: Config, split: str, run: Path) -> None:
+    """TARGET/report.md and confusion.png: the phases, the final phase's per-class scores and confusion on `split`."""
+    classes, paper = EMOTIONS[cfg.dataset], PAPER_WF1.get(cfg.dataset, {})
     final = list(results)[-1]  # the last trained phase: fusion once the run is complete
-    paper = PAPER_WF1.get(dataset, {})
     phases = [[phase, m["best_epoch"], wf1_cell(m["dev_wf1"]), wf1_cell(m["test_wf1"]),
                f"{paper[phase]:.2f}" if phase in paper else ""] for phase, m in results.items()]
     lines = [f"# telme report: {run.name}", "",
-             f"Dataset `{dataset}`" + (f", data `{data_dir}`" if data_dir else "")
+             f"Dataset `{cfg.dataset}`" + (f", data `{cfg.data_dir}`" if cfg.data_dir else "")
              + (f", weights of run `{run}`" if run != target else "")
              + "; weighted F1 x100, each phase at the epoch with the best dev "
              "weighted F1. Written by `telme.py eval` from the saved weights.", "",
              "## Phases", "",
              md_table(["phase", "best epoch", "dev W-F1", "test W-F1", "paper test W-F1"], phases, "---")]
     if paper:
-        lines += ["", f"The paper's figures are on the released {dataset.upper()} test split; "
+        lines += ["", f"The paper's figures are on the released {cfg.dataset.upper()} test split; "
                   "they compare with ours only when this run trained on that data."]
     per_class = [[c, *(f"{r[k]:.2f}" for k in ("precision", "recall", "f1")), r["support"]]
                  for c, r in results[final]["per_class"][split].items()]
@@ -2127,8 +2110,7 @@ CONFUSION_LOW, CONFUSION_HIGH = np.array([255, 255, 255]), np.array([8, 48, 107]
 
 
 def confusion_png(counts: np.ndarray, shares: np.ndarray, classes: list[str]) -> bytes:
-    """The confusion matrix as a PNG: rows true classes, columns predicted ones (names along both
-    edges), cell shade = row-normalised share, number in the cell = count."""
+    """The confusion matrix as a PNG: rows true, columns predicted; shade = row-normalised share, number = count."""
     font = ImageFont.load_default(size=CONFUSION_FONT_SIZE)
     cell, pad = CONFUSION_CELL, CONFUSION_FONT_SIZE // 2
     margin = 3 * pad + max(math.ceil(font.getlength(name)) for name in classes + ["predicted"])
@@ -2181,54 +2163,47 @@ def read_history(path: Path) -> list[tuple[str, str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise SystemExit(f"telme: {path}: not UTF-8 text") from None
-    turns = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        speaker, colon, text = line.partition(":")
+    turns = [(number, line, *line.partition(":")) for number, line in enumerate(lines, start=1) if line.strip()]
+    for number, line, speaker, colon, text in turns:
         if not colon or not speaker.strip() or not text.strip():
             raise SystemExit(f"telme: {path}:{number}: expected 'Speaker: utterance', got {line.strip()!r}")
-        turns.append((speaker.strip(), text.strip()))
-    return turns
+    return [(speaker.strip(), text.strip()) for _, _, speaker, _, text in turns]
 
 
 class Predictor:
-    """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict`
-    uses it too):
+    """A trained run, loaded once, for many predictions (the Python entry point; `telme.py predict` too):
 
         model = telme.Predictor("runs/meld")           # device="auto"
         result = model.predict("Oh my God!", history=[("Ross", "Hi.")], speaker="Rachel",
                                video="clip.mp4")       # audio: the clip's own sound unless given
         result["prediction"], result["probabilities"]  # the fusion's class and its distribution
 
-    A named file that cannot be decoded stops with a one-line error, unless `missing_as_zeros` puts
-    zeros in its place, as training does for an undecodable clip."""
+    A named file that cannot be decoded stops it, unless `missing_as_zeros` (zeros, as in training)."""
 
     def __init__(self, run, device: str = "auto", missing_as_zeros: bool = False):
-        self.run = Path(run)
-        self.cfg = dataclasses.replace(read_run_config(self.run), device=device, quiet=True)
+        run = Path(run)
+        self.cfg = dataclasses.replace(read_run_config(run), device=device, quiet=True)
         self.rt = make_runtime(self.cfg)
         self.missing_as_zeros = missing_as_zeros
-        self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(self.run)
-        self.teacher, self.tokenizer = load_teacher(self.run, self.cfg, self.rt)
-        self.models = {"teacher": self.teacher} | {phase: load_student(self.run, kind, self.cfg, self.rt)
-                                                   for phase, kind in STUDENT_MEDIA.items() if phase in self.trained}
-        self.fusion = load_fusion(self.run, self.cfg, self.rt) if "fusion" in self.trained else None
-        self.image_stats = (image_statistics(str(encoder_dir(self.run, "video")))
-                            if "visual" in self.trained else None)
+        self.classes, self.trained = EMOTIONS[self.cfg.dataset], trained_phases(run)
+        teacher, self.tokenizer = load_teacher(run, self.cfg, self.rt)
+        self.models = {"teacher": teacher} | {phase: load_student(run, kind, self.cfg, self.rt)
+                                              for phase, kind in STUDENT_MEDIA.items() if phase in self.trained}
+        self.fusion = load_fusion(run, self.cfg, self.rt) if "fusion" in self.trained else None
+        image_stats = image_statistics(str(encoder_dir(run, "video"))) if "visual" in self.trained else None
+        self.collate = make_collate(self.cfg, self.tokenizer.pad_token_id, image_stats)
         self.settings = MediaCache(self.cfg).settings
 
     def media(self, video: str | None, audio: str | None) -> tuple[dict, dict]:
         """The decoded inputs and {kind: why it is zeros} for the modalities that are."""
         item, missing = {"video": None, "audio": None}, {}
         for kind, path in (("video", video), ("audio", audio or video)):  # the clip's own sound by default
-            if path and os.path.isdir(path):
-                raise SystemExit(f"telme: {path}: is a directory, not a {kind} file")
-            if path and not os.path.isfile(path):
-                raise SystemExit(f"telme: {path} not found")
             if not path:
                 missing[kind] = "no file given"
                 continue
+            if not os.path.isfile(path):
+                raise SystemExit(f"telme: {path}: is a directory, not a {kind} file" if os.path.isdir(path)
+                                 else f"telme: {path} not found")
             try:
                 item[kind] = decode_media(kind, path, None, None, self.settings[kind])
             except MediaError as error:
@@ -2240,9 +2215,8 @@ class Predictor:
 
     def predict(self, text: str, history=(), speaker: str = NEW_SPEAKER, video: str | None = None,
                 audio: str | None = None) -> dict:
-        """Every trained phase's class probabilities for one utterance (prompt, decoding and collation
-        as in training and eval); `history`: the dialogue so far as (speaker, utterance) pairs. A
-        modality without a file goes in as zeros."""
+        """Every trained phase's class probabilities for one utterance after `history` ((speaker, utterance) pairs),
+        with eval's prompt, decoding and collation; a modality without a file goes in as zeros."""
         if not text.strip():
             raise SystemExit("telme: the utterance's text is empty; predict needs what is said")
         media, missing = self.media(video, audio) if self.trained != ["teacher"] else ({}, {})
@@ -2251,13 +2225,11 @@ class Predictor:
                       for who, said in [*history, (speaker, text)]]
         item = {"index": 0, "label": 0, **media,
                 "input_ids": teacher_input_ids(utterances, self.tokenizer, self.cfg.max_text_tokens)[-1]}
-        collate = make_collate(self.cfg, self.tokenizer.pad_token_id, self.image_stats)
-        batch, features, logits = to_device(collate([item]), self.rt.device), {}, {}
+        batch, features, logits = to_device(self.collate([item]), self.rt.device), {}, {}
         with torch.no_grad(), self.rt.autocast("eval"):
-            for phase, forward in (("teacher", text_forward), ("audio", audio_forward), ("visual", video_forward)):
-                if phase in self.models:
-                    f, z = forward(self.models[phase], batch)
-                    features[f"f_{phase}"], logits[phase] = f.float(), z.float()
+            for phase, model in self.models.items():
+                f, z = FORWARDS[phase](model, batch)
+                features[f"f_{phase}"], logits[phase] = f.float(), z.float()
             if self.fusion is not None:  # the features as eval feeds them to the fusion: float32
                 logits["fusion"] = fusion_forward(self.fusion, features)[1].float()
         probabilities = {phase: F.softmax(z[0], dim=-1).cpu() for phase, z in logits.items()}
@@ -2269,9 +2241,7 @@ class Predictor:
 
 def predict_csv(run: Path, path: Path, clips: Path, out: Path, device: str = "auto", cache_dir: str = "",
                 missing_as_zeros: bool = False) -> None:
-    """Every utterance of a CSV in MELD's layout (Emotion optional; clips dia<D>_utt<U>.mp4 in `clips`),
-    its dialogue's earlier rows as history, into predictions.csv's format at `out`, through eval's
-    models and media cache; an undecodable clip stops it, unless `missing_as_zeros`."""
+    """Each row of a CSV in MELD's layout (Emotion optional), after its dialogue's earlier rows, as eval predicts it."""
     saved = read_run_config(run)
     cfg = dataclasses.replace(saved, device=device, quiet=True, strict=not missing_as_zeros,
                               cache_dir=cache_dir or saved.cache_dir)
@@ -2298,8 +2268,7 @@ def print_prediction(result: dict, all_phases: bool) -> None:
 
 # --- Several seeds: mean and std of each phase ---------------------------------------------------
 def summarize(runs: list[Path], out: Path) -> dict:
-    """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std and the
-    values, with each run's seed, device and wall-clock; written to out/summary.json and printed."""
+    """Each phase's dev and test weighted F1 over `runs` (one per seed): mean, sample std, values; out/summary.json."""
     if not runs:
         raise SystemExit("telme: summarize needs at least one run directory")
     for path in (run / name for run in runs for name in ("metrics.json", "config.json")):
@@ -2307,35 +2276,29 @@ def summarize(runs: list[Path], out: Path) -> dict:
             raise SystemExit(f"telme: {path} not found; did that run finish?")
     metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
     configs = [json.loads((run / "config.json").read_text()) for run in runs]
-    seeds = [c["config"].get("seed") for c in configs]
-    for i, (run, config) in enumerate(zip(runs, configs)):
-        earlier = [j for j in range(i) if runs[j].resolve() == run.resolve() or seeds[j] == seeds[i]]
-        if earlier:
-            raise SystemExit(f"telme: {run} repeats {runs[earlier[0]]} (seed {seeds[i]}); summarize "
-                             "takes each seed's run once")
+    seeds, first = [c["config"]["seed"] for c in configs], configs[0]["config"]
+    for i, (run, config) in enumerate(zip(runs, [c["config"] for c in configs])):
+        earlier = next((r for r, s in zip(runs[:i], seeds) if r.resolve() == run.resolve() or s == seeds[i]), None)
+        if earlier is not None:
+            raise SystemExit(f"telme: {run} repeats {earlier} (seed {seeds[i]}); summarize takes each seed's run once")
         # Runs of one recipe differ in their seed, and where and how they ran (what a resume may change).
-        differ = sorted(k for k in set(config["config"]) | set(configs[0]["config"])
-                        if k not in ("seed", "out", *RESUME_OVERRIDES)
-                        and config["config"].get(k) != configs[0]["config"].get(k))
+        differ = sorted(k for k in set(config) | set(first)
+                        if k not in ("seed", "out", *RESUME_OVERRIDES) and config.get(k) != first.get(k))
         if differ:
             raise SystemExit(f"telme: {run} and {runs[0]} differ in {', '.join(differ)}; summarize "
                              "averages runs that differ in their seed alone")
-    summary = {"runs": [str(r) for r in runs], "seeds": [c["config"]["seed"] for c in configs],
-               "devices": [c.get("device") for c in configs],
+    summary = {"runs": [str(r) for r in runs], "seeds": seeds, "devices": [c.get("device") for c in configs],
                # run.sh writes each run's wall-clock seconds (its phases and eval) to wall_clock_s.
                "wall_clock_s": [float((r / "wall_clock_s").read_text()) if (r / "wall_clock_s").is_file()
                                 else None for r in runs],
                "phases": {}}
-    for phase in PHASES:
+    for phase in [p for p in PHASES if any(p in m for m in metrics)]:
         found = [m[phase] for m in metrics if phase in m]
-        if not found:
-            continue
-        entry = {"n": len(found), "best_epoch": [m["best_epoch"] for m in found]}
+        entry = summary["phases"][phase] = {"n": len(found), "best_epoch": [m["best_epoch"] for m in found]}
         for metric in ("dev_wf1", "test_wf1"):
             values = [m[metric] for m in found if m[metric] is not None]
             entry[metric] = {"mean": statistics.fmean(values) if values else None,
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-        summary["phases"][phase] = entry
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print_seed_summary(summary)
     return summary
@@ -2353,20 +2316,16 @@ def print_seed_summary(summary: dict) -> None:
 
 
 # --- Official checkpoints as a telme run ----------------------------------------------------------
-# The official code's state-dict file of each phase, inside its save_model/ folder. The fusion
-# file's name is not fixed by the official repository, so it is a flag (--fusion-file).
+# Each phase's state dict in the official save_model/ folder; the fusion's name is not fixed there (--fusion-file).
 OFFICIAL_FILES = {"teacher": "teacher.bin", "audio": "student_audio/total_student.bin",
                   "visual": "student_video/total_student.bin", "fusion": "total_fusion.bin"}
-# Each official module name -> telme's, per phase. In the fusion the shapes tell them apart (paper,
-# section 3.4): W_hav maps [A; F_T] 2304 -> 768 (the gate g), W_av maps A 1536 -> 768 (the shift H),
-# AV_LayerNorm normalises the 1536-wide N', LayerNorm the 768-wide F_T + lam H, W classifies.
-OFFICIAL_MODULES = {
-    "teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
-    "audio": {"model": "encoder", "W": "classifier"},
-    "visual": {"model": "encoder", "W": "classifier"},
-    "fusion": {"multihead_attn": "attention", "AV_LayerNorm": "student_norm", "W_hav": "gate",
-               "W_av": "shift", "LayerNorm": "output_norm", "W": "classifier"},
-}
+# Each official module name -> telme's, per phase; in the fusion (paper, section 3.4) the shapes tell them apart:
+# W_hav: [A; F_T] 2304 -> 768 (gate g), W_av: A 1536 -> 768 (shift H), AV_LayerNorm: N' (1536), LayerNorm: F_T + lam H.
+OFFICIAL_MODULES = {"teacher": {"text_model": "encoder", "W": "project", "classifier": "classifier"},
+                    "audio": {"model": "encoder", "W": "classifier"},
+                    "visual": {"model": "encoder", "W": "classifier"},
+                    "fusion": {"multihead_attn": "attention", "AV_LayerNorm": "student_norm", "W_hav": "gate",
+                               "W_av": "shift", "LayerNorm": "output_norm", "W": "classifier"}}
 
 
 def official_state(path: Path, phase: str) -> dict[str, torch.Tensor]:
@@ -2380,8 +2339,7 @@ def official_state(path: Path, phase: str) -> dict[str, torch.Tensor]:
 
 
 def load_official(module: nn.Module, state: dict, path: Path, phase: str) -> None:
-    """Put the official `state` into a module built on the meta device; any missing, unexpected or
-    mis-shaped key is an error that names the keys as the official code does."""
+    """The official `state` into a meta-device module; keys that do not fit stop it, in the official code's names."""
     official = {telme: name for name, telme in OFFICIAL_MODULES[phase].items()}
 
     def name(key: str) -> str:  # a key of telme's module -> the official one
@@ -2390,21 +2348,18 @@ def load_official(module: nn.Module, state: dict, path: Path, phase: str) -> Non
     expected = {name(k): v for k, v in module.state_dict().items()}
     # Buffers that telme's transformers version does not save (position ids) may be in older files.
     unsaved = {name(n) for n, _ in module.named_buffers()} - set(expected)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - unsaved)
-    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
-    problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-                if keys]
-    if problems:
-        raise SystemExit(f"telme: {path}: does not fit telme's {phase} model; " + "; ".join(problems))
+    wrong = {"missing keys": sorted(set(expected) - set(state)),
+             "unexpected keys": sorted(set(state) - set(expected) - unsaved),
+             "shape mismatches": sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                                        for k, v in expected.items() if k in state and state[k].shape != v.shape)}
+    if any(wrong.values()):
+        raise SystemExit(f"telme: {path}: does not fit telme's {phase} model; "
+                         + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in wrong.items() if keys))
     module.load_state_dict({k: state[name(k)] for k in module.state_dict()}, assign=True)
 
 
 def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FILES["fusion"]) -> Path:
-    """The official code's saved weights as a telme run directory (weights, encoder configs,
-    tokenizer, config.json), so that `eval --run` reproduces the official inference."""
+    """The official code's saved weights as a telme run directory, so that `eval --run` reproduces its inference."""
     # The official fusion attends across the batch (D2): its attention weights only fit that scope.
     cfg = dataclasses.replace(cfg, asf_attention="batch")
     files = {phase: directory / name for phase, name in (OFFICIAL_FILES | {"fusion": fusion_file}).items()}
@@ -2417,9 +2372,8 @@ def import_official(cfg: Config, directory: Path, fusion_file: str = OFFICIAL_FI
     with torch.device("meta"):  # shapes only, no memory: every weight comes from the files
         encoders = {kind: AutoModel.from_config(config) for kind, config in configs.items()}
         models = {"teacher": TextTeacher(encoders["text"], classes, cfg.feature_dim),
-                  "audio": build_student("audio", encoders["audio"], classes, cfg.official_audio_pooling),
-                  "visual": build_student("video", encoders["video"], classes),
-                  "fusion": build_fusion(cfg)}
+                  **{phase: build_student(kind, encoders[kind], classes, cfg.official_audio_pooling)
+                     for phase, kind in STUDENT_MEDIA.items()}, "fusion": build_fusion(cfg)}
     for phase, model in models.items():
         load_official(model, states[phase], files[phase], phase)
     run = Path(cfg.out)
