@@ -46,7 +46,7 @@ need_data() {  # need_data NAME DIR FILE-THAT-MUST-EXIST MESSAGE
 
 recipe() {  # recipe DATASET DATA_DIR [train flags]: one run, or one per seed (--seeds N)
   local dataset=$1 data=$2; shift 2
-  # torch.compile: on an H200 the encoders' steps ran ~1.7x the eager rate (README: Benchmark);
+  # torch.compile: on an H200 the encoders' steps ran ~1.7x the eager rate (README: Speed);
   # --no-compile among the flags turns it off.
   set -- --compile "$@"
   local out=${TELME_OUT:-runs/$dataset} train=("$PY" telme.py train)

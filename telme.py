@@ -5,7 +5,7 @@ A single-file reference implementation of Yun et al., NAACL 2024 (arXiv:2401.129
 a visual student (TimeSformer); an attention-based shifting fusion then moves the teacher's feature
 by a bounded amount in the direction the students point to.
 
-Commands (README.md; `python telme.py CMD --help` lists every flag, --threads N among them):
+Commands (README.md; `python telme.py CMD --help` lists every flag; --threads 1 on a shared CPU):
     python telme.py demo                                    # synthetic data, tiny models, CPU, minutes
     python telme.py prepare --dataset meld --data-dir MELD.Raw          # decode every clip once
     python telme.py train   --dataset meld --data-dir MELD.Raw --out runs/meld   # --resume, --overwrite
@@ -15,7 +15,9 @@ Commands (README.md; `python telme.py CMD --help` lists every flag, --threads N 
     python telme.py predict --run runs/meld --csv my.csv --clips my_clips --out predictions.csv
     python telme.py summarize --out runs/meld runs/meld/seed42 runs/meld/seed43    # mean ± std
     python telme.py import-official --dir save_model/ --dataset meld   # the official weights, for eval
-    python telme.py stats, synth, bench     # class counts; a synthetic dataset; the speed table
+    python telme.py stats   --dataset meld --data-dir MELD.Raw      # dialogue, utterance and class counts
+    python telme.py synth   --out data/synth --dialogues 40        # a synthetic dataset in MELD's layout
+    python telme.py bench                                   # decoding, cache and training-speed table
 
 Map of the file (paper order), and where each piece of the paper lives:
     Config and presets ............ Config: every flag, with where its value comes from; PRESETS
@@ -121,15 +123,15 @@ class Config:
     compile: bool = False
     """torch.compile each phase's training step (inductor): minutes to compile, then less host time per step"""
     compile_mode: str = "default"
-    """--compile's mode: default, or reduce-overhead (CUDA graphs, one per shape: use --text-bucket, --audio-buckets)"""
+    """--compile's mode: default, or reduce-overhead (CUDA graphs, one per shape; clipping and AdamW compiled too)"""
     max_text_tokens: int = 512
     """teacher input length: the last max_text_tokens-1 tokens of history+prompt, then the mask (paper)"""
     max_audio_samples: int = 400000
     """audio kept per utterance, the last samples at 16 kHz (official code: 25 s)"""
     text_bucket: int = 0
-    """pad teacher prompts to a multiple of this many tokens (static shapes; equal outputs); 0: the batch's longest"""
+    """pad prompts to a multiple of this many tokens, at most max_text_tokens (outputs equal to rounding); 0: off"""
     audio_buckets: bool = False
-    """pad audio batches to the next of 0.25, 0.5, 1, 2 ... s (static shapes); data2vec sees it: F_A moves slightly"""
+    """pad audio batches to 0.25 x 2^k s, at most max_audio_samples (static shapes; F_A moves slightly: README)"""
     audio_rate: int = 16000
     """sample rate the audio encoder was trained on (data2vec-audio: 16 kHz)"""
     num_frames: int = 8
@@ -534,7 +536,8 @@ def speaker_indices(speakers: list[str]) -> list[int]:
 
 def prompt_speakers(cfg: Config, utterances: list[Utterance]) -> list[int] | None:
     """teacher_input_ids' speaker indices: None for ours (speaker_indices per dialogue), else D6: the official ones,
-    uncapped, over the split in row order (IEMOCAP: by utterance id), a dialogue's first in the previous one's list."""
+    over the split in row order, a dialogue's first utterance indexed in the previous dialogue's list; uncapped
+    (<s10> and on are plain text to the tokenizer); on IEMOCAP the speaker is the utterance id (each one new)."""
     if not cfg.official_speakers:
         return None
     keys = [Path(u.audio).stem if cfg.dataset == "iemocap" else u.speaker for u in utterances]
@@ -1051,7 +1054,7 @@ class TextTeacher(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
         h_mask = hidden[:, -1]  # (B, H): left padding keeps the mask token last
         feature = self.project(h_mask)  # (B, D): F_T = W h_mask + b
-        return feature, self.classifier(feature)
+        return feature, self.classifier(feature)  # z_T
 
 
 class AudioStudent(nn.Module):
@@ -1334,7 +1337,8 @@ PROGRESS_SECONDS = 60  # when stderr is not a terminal (a log file): a progress 
 
 
 def progress(iterable, description: str, quiet: bool, **kwargs):
-    """A tqdm bar on a terminal, else a line about every PROGRESS_SECONDS (a CPU teacher epoch takes minutes)."""
+    """A tqdm bar on a terminal, else a line about every PROGRESS_SECONDS (a CPU teacher epoch takes minutes); under
+    --quiet nothing."""
     silent, terminal = quiet or not is_main_process(), sys.stderr.isatty()
     bar = tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=silent or not terminal, **kwargs)
     total, unit = f"/{bar.total}" if bar.total else "", kwargs.get("unit", "batch")
@@ -1471,7 +1475,8 @@ def restore_checkpoint(path: Path, model, optimizer, schedule, scaler, generator
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); delete it to restart") from None
+        raise SystemExit(f"telme: {path}: truncated or damaged checkpoint ({reason}); "
+                         "delete it to restart the phase") from None
     for key, part in (("model", model), ("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler)):
         if state[key]:  # the scaler's is empty when it was saved disabled (on a CPU, or without fp16)
             part.load_state_dict(state[key])
@@ -1564,7 +1569,8 @@ def host_time_masks(encoder: nn.Module, forward):
 
 @torch.no_grad()
 def run_model(model, loader, forward, rt: Runtime, quiet: bool, description: str, use: str = "eval"):
-    """Every item's (features, logits) in dataset order, float32 on the CPU (on every rank under torchrun)."""
+    """Every item's (features, logits) in dataset order, float32 on the CPU (on every rank under torchrun); `use`:
+    "eval", or "frozen" for outputs a training step reads (Runtime.autocast_dtype)."""
     model.eval()
     indices, features, logits = [], [], []
     for batch in progress(loader, description, quiet):
@@ -1597,7 +1603,7 @@ def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
 
 
 def compiled_step(trained: nn.Module, optimizer, cfg: Config, device: torch.device) -> tuple:
-    """The module and train_step's update, compiled as --compile and --compile-mode ask."""
+    """The module and train_step's update, compiled as --compile and --compile-mode ask (launches bound a GPU step)."""
     if not cfg.compile:
         return trained, clip_and_step
     if cfg.compile_mode != "reduce-overhead":
@@ -1687,7 +1693,7 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
 
 
 def teacher_dataset(cfg: Config, tokenizer, utterances: list[Utterance], **media) -> UtteranceDataset:
-    """Each utterance's dialogue prompt as token ids (speakers indexed as cfg asks); `media`: media, kinds."""
+    """Each utterance's dialogue prompt as token ids (speakers indexed as cfg asks); `media`: UtteranceDataset's."""
     return UtteranceDataset(utterances, text_ids=teacher_input_ids(
         utterances, tokenizer, cfg.max_text_tokens, prompt_speakers(cfg, utterances)), **media)
 
@@ -1863,7 +1869,7 @@ def train(cfg: Config, phase: str = "all", resume: bool = False, overwrite: bool
     first = PHASES.index(PHASE_GROUPS[phase][0])
     untrained = [p for p in PHASES[:first] if not weights_path(run, p).is_file()]
     if untrained:  # a later phase reads the earlier phases' weights: say so before decoding or writing anything
-        raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs them first")
+        raise SystemExit(f"telme: {run} has no {', '.join(untrained)} weights; --phase {phase} needs them")
     if resume and overwrite:
         raise SystemExit("telme: --resume continues a run, --overwrite starts its phases anew: give one")
     held = [p for p in PHASES[first:] if weights_path(run, p).is_file() or checkpoint_path(run, p).is_file()]
@@ -2608,10 +2614,11 @@ MELD_SIZES = {"train": 9989, "dev": 1109, "test": 2610}  # for the fusion epoch 
 def bench_clips(out: Path, count: int, seed: int = 0) -> list[Utterance]:
     """`count` clips in MELD's format, written with write_clip; one utterance per clip."""
     rng = np.random.default_rng(seed)
-    width, height, fps, (shortest, longest), rate, block, pan = BENCH_CLIP.values()
+    width, height, fps, rate = (BENCH_CLIP[k] for k in ("width", "height", "fps", "audio_rate"))
+    block, pan = BENCH_CLIP["block"], BENCH_CLIP["pan"]
     utterances = []
     for i in range(count):
-        seconds = rng.uniform(shortest, longest)
+        seconds = rng.uniform(*BENCH_CLIP["seconds"])
         frame_count = int(seconds * fps)
         span = width + pan * frame_count  # the texture pans across this width
         blocks = rng.integers(0, 256, (-(-height // block), -(-span // block), 3), dtype=np.uint8)
