@@ -936,6 +936,11 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_json(path: Path, content) -> None:
+    """`content` as indented JSON, written atomically (config.json, metrics.json, summary.json)."""
+    atomic_write(path, lambda f: f.write(json.dumps(content, indent=2).encode()))
+
+
 # --- Batches --------------------------------------------------------------------------------------
 class UtteranceDataset(Dataset):
     """Utterances of one split as model inputs: teacher prompts and/or cached media."""
@@ -1448,7 +1453,7 @@ def replace_weights(run: Path, phase: str, model: nn.Module, **metadata) -> None
     metrics, entries = run / "metrics.json", {phase, *dependent}
     if metrics.is_file() and entries & set(everything := json.loads(metrics.read_text())):
         kept = {p: m for p, m in everything.items() if p not in entries}
-        atomic_write(metrics, lambda f: f.write(json.dumps(kept, indent=2).encode()))
+        write_json(metrics, kept)
 
 
 def saved_epoch(run: Path, phase: str) -> int | None:
@@ -1685,8 +1690,8 @@ def fit(phase: str, model: nn.Module, loaders: dict, forward, loss_fn, epochs: i
             replace_weights(run, phase, model, best_epoch=epoch, dev_wf1=dev_wf1)
     if is_main_process():
         update_metrics(run, phase, best)
-        atomic_write(complete_marker(run, phase), lambda f: f.write(json.dumps(
-            {"epochs": epochs, "best_epoch": best["best_epoch"], "scaler": scaler.state_dict()}).encode()))
+        write_json(complete_marker(run, phase), {"epochs": epochs, "best_epoch": best["best_epoch"],
+                                                 "scaler": scaler.state_dict()})
         checkpoint.unlink(missing_ok=True)  # done: a small marker replaces the (optimizer-sized) checkpoint
     barrier()  # the next phase, on any rank, reads what rank 0 has just written
     return best
@@ -1932,7 +1937,7 @@ def write_run_config(cfg: Config, rt: Runtime, run: Path) -> None:
     content = {"config": dataclasses.asdict(cfg), "classes": EMOTIONS[cfg.dataset],
                "versions": versions, "device": device, "git_commit": git_commit(),
                "official_behaviours": compat_switches(cfg)}
-    atomic_write(run / "config.json", lambda f: f.write(json.dumps(content, indent=2).encode()))
+    write_json(run / "config.json", content)
 
 
 def read_run_config(run: Path) -> Config:
@@ -1975,7 +1980,7 @@ def update_metrics(run: Path, phase: str, metrics: dict) -> None:
     path = run / "metrics.json"
     everything = (json.loads(path.read_text()) if path.is_file() else {}) | {phase: metrics}
     everything = {p: everything[p] for p in PHASES if p in everything}
-    atomic_write(path, lambda f: f.write(json.dumps(everything, indent=2).encode()))
+    write_json(path, everything)
 
 
 def trained_phases(run: Path) -> list[str]:
@@ -2036,7 +2041,7 @@ def evaluate(run: Path, split: str = "test", quiet: bool = False, per_class: boo
             for phase, metrics in results.items():
                 update_metrics(run, phase, metrics)
         else:
-            atomic_write(target / "metrics.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+            write_json(target / "metrics.json", results)
         if per_class:
             print_per_class(results, split)
         write_report(target, results, cfg, split if split in splits else next(iter(splits)), run)
@@ -2305,7 +2310,7 @@ def summarize(runs: list[Path], out: Path) -> dict:
             values = [m[metric] for m in found if m[metric] is not None]
             entry[metric] = {"mean": statistics.fmean(values) if values else None,
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_json(out / "summary.json", summary)
     print_seed_summary(summary)
     return summary
 
